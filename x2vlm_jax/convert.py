@@ -1,0 +1,319 @@
+"""Released PyTorch X2-VLM checkpoints -> Flax params: one name table plus reshapes.
+
+Accepted inputs: `torch.load(path)` giving `{'model': state_dict, ...}` or a bare state dict, with
+text keys as pre-training releases write them (`text_encoder.bert.*`, MLM head `text_encoder.cls.*`)
+or as fine-tuned releases write them (`text_encoder.*`, no MLM head).
+
+Buffers are checked, not loaded: `relative_position_index` must equal the index our model builds,
+`position_ids` must be `arange`, and the MLM decoder must be tied to the word embeddings.
+Relative position tables are resized when the checkpoint was trained at another image resolution.
+Any unmatched checkpoint key, missing model parameter or shape mismatch raises `ConversionError`
+with the full list.
+
+torch is imported only inside `load_torch_state_dict` (conversion time), never by training code.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from typing import Callable, Mapping
+
+import numpy as np
+
+from x2vlm_jax.models.vit import relative_position_index
+
+
+class ConversionError(ValueError):
+  """The checkpoint does not match the model; the message lists every difference."""
+
+
+# Kinds of tensors and how each becomes a Flax array.
+def _linear(w: np.ndarray) -> np.ndarray:  # torch [out, in] -> flax kernel [in, out]
+  return w.T
+
+
+def _conv(w: np.ndarray) -> np.ndarray:  # torch [out, in, kh, kw] -> flax [kh, kw, in, out]
+  return w.transpose(2, 3, 1, 0)
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+  return w
+
+
+def _frames(w: np.ndarray) -> np.ndarray:  # [1, F, 1, D] -> [F, 1, D]
+  return w.reshape(w.shape[1:])
+
+
+_T = r"text_encoder\.(?:bert\.)?"
+_L = r"encoder\.layer\.(\d+)\."
+_B = r"vision_encoder\.blocks\.(\d+)\."
+
+# (torch key regex, flax path template, transform). Read top to bottom: it is the whole mapping.
+NAME_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+    (r"temp", "temp", _same),
+    (r"vision_encoder\.cls_token", "vision/cls_token", _same),
+    (r"vision_encoder\.patch_embed\.proj\.weight", "vision/patch_embed/kernel", _conv),
+    (r"vision_encoder\.patch_embed\.proj\.bias", "vision/patch_embed/bias", _same),
+    (_B + r"gamma_([12])", r"vision/blocks_\1/gamma_\2", _same),
+    (_B + r"(norm[12])\.weight", r"vision/blocks_\1/\2/scale", _same),
+    (_B + r"(norm[12])\.bias", r"vision/blocks_\1/\2/bias", _same),
+    (_B + r"attn\.qkv\.weight", r"vision/blocks_\1/attn/qkv/kernel", _linear),
+    (_B + r"attn\.(q_bias|v_bias)", r"vision/blocks_\1/attn/\2", _same),
+    (_B + r"attn\.relative_position_bias_table", r"vision/blocks_\1/attn/relative_position_bias_table", _same),
+    (_B + r"attn\.proj\.weight", r"vision/blocks_\1/attn/proj/kernel", _linear),
+    (_B + r"attn\.proj\.bias", r"vision/blocks_\1/attn/proj/bias", _same),
+    (_B + r"mlp\.(fc[12])\.weight", r"vision/blocks_\1/mlp/\2/kernel", _linear),
+    (_B + r"mlp\.(fc[12])\.bias", r"vision/blocks_\1/mlp/\2/bias", _same),
+    (r"vision_encoder\.fc_norm\.weight", "vision/fc_norm/scale", _same),
+    (r"vision_encoder\.fc_norm\.bias", "vision/fc_norm/bias", _same),
+    (r"absolute_frame_pos_embed", "frame_pos_embed", _frames),
+    (_T + r"embeddings\.(word|position|token_type)_embeddings\.weight",
+     r"text/embeddings/\1_embeddings/embedding", _same),
+    (_T + r"embeddings\.LayerNorm\.weight", "text/embeddings/LayerNorm/scale", _same),
+    (_T + r"embeddings\.LayerNorm\.bias", "text/embeddings/LayerNorm/bias", _same),
+    (_T + _L + r"(attention|crossattention)\.self\.(query|key|value)\.weight",
+     r"text/layer_\1/\2/self/\3/kernel", _linear),
+    (_T + _L + r"(attention|crossattention)\.self\.(query|key|value)\.bias",
+     r"text/layer_\1/\2/self/\3/bias", _same),
+    (_T + _L + r"(attention|crossattention)\.output\.dense\.weight",
+     r"text/layer_\1/\2/output/dense/kernel", _linear),
+    (_T + _L + r"(attention|crossattention)\.output\.dense\.bias",
+     r"text/layer_\1/\2/output/dense/bias", _same),
+    (_T + _L + r"(attention|crossattention)\.output\.LayerNorm\.weight",
+     r"text/layer_\1/\2/output/LayerNorm/scale", _same),
+    (_T + _L + r"(attention|crossattention)\.output\.LayerNorm\.bias",
+     r"text/layer_\1/\2/output/LayerNorm/bias", _same),
+    (_T + _L + r"intermediate\.dense\.weight", r"text/layer_\1/intermediate/kernel", _linear),
+    (_T + _L + r"intermediate\.dense\.bias", r"text/layer_\1/intermediate/bias", _same),
+    (_T + _L + r"output\.dense\.weight", r"text/layer_\1/output/dense/kernel", _linear),
+    (_T + _L + r"output\.dense\.bias", r"text/layer_\1/output/dense/bias", _same),
+    (_T + _L + r"output\.LayerNorm\.weight", r"text/layer_\1/output/LayerNorm/scale", _same),
+    (_T + _L + r"output\.LayerNorm\.bias", r"text/layer_\1/output/LayerNorm/bias", _same),
+    (r"text_encoder\.cls\.predictions\.bias", "text/mlm_bias", _same),
+    (r"text_encoder\.cls\.predictions\.transform\.dense\.weight", "text/mlm_transform/dense/kernel", _linear),
+    (r"text_encoder\.cls\.predictions\.transform\.dense\.bias", "text/mlm_transform/dense/bias", _same),
+    (r"text_encoder\.cls\.predictions\.transform\.LayerNorm\.weight", "text/mlm_transform/LayerNorm/scale", _same),
+    (r"text_encoder\.cls\.predictions\.transform\.LayerNorm\.bias", "text/mlm_transform/LayerNorm/bias", _same),
+    (r"(vision_proj|text_proj)\.weight", r"\1/kernel", _linear),
+    (r"(vision_proj|text_proj)\.bias", r"\1/bias", _same),
+    (r"(itm_head|bbox_head)\.0\.weight", r"\1/dense_0/kernel", _linear),
+    (r"(itm_head|bbox_head)\.0\.bias", r"\1/dense_0/bias", _same),
+    (r"(itm_head|bbox_head)\.1\.weight", r"\1/norm/scale", _same),
+    (r"(itm_head|bbox_head)\.1\.bias", r"\1/norm/bias", _same),
+    (r"(itm_head|bbox_head)\.3\.weight", r"\1/dense_1/kernel", _linear),
+    (r"(itm_head|bbox_head)\.3\.bias", r"\1/dense_1/bias", _same),
+]
+
+# Keys that are checked against what they must equal rather than loaded.
+_REL_INDEX = re.compile(_B + r"attn\.relative_position_index")
+_POSITION_IDS = re.compile(_T + r"embeddings\.position_ids")
+_DECODER_WEIGHT = re.compile(r"text_encoder\.cls\.predictions\.decoder\.weight")
+_DECODER_BIAS = re.compile(r"text_encoder\.cls\.predictions\.decoder\.bias")
+_WORD_EMBEDDINGS = re.compile(_T + r"embeddings\.word_embeddings\.weight")
+_MLM_BIAS = re.compile(r"text_encoder\.cls\.predictions\.bias")
+_REL_TABLE_PATH = re.compile(r"vision/blocks_\d+/attn/relative_position_bias_table")
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """`torch.load` a checkpoint (with or without the 'model' wrapper) -> name -> float numpy array."""
+  import torch  # conversion-time dependency only
+
+  obj = torch.load(path, map_location="cpu", weights_only=False)
+  if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+    obj = obj["model"]
+  elif isinstance(obj, Mapping) and "module" in obj and isinstance(obj["module"], Mapping):
+    obj = obj["module"]
+  if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+    raise ConversionError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
+  state = {k: v.detach().cpu().numpy() for k, v in obj.items()}
+  if not any(k.startswith(("vision_encoder.", "text_encoder.")) for k in state):
+    sample = ", ".join(sorted(state)[:5])
+    raise ConversionError(f"{path}: not an X2-VLM checkpoint: no 'vision_encoder.*' or "
+                          f"'text_encoder.*' keys (first keys: {sample})")
+  return state
+
+
+def _map_name(key: str) -> tuple[str, Callable] | None:
+  for pattern, template, transform in NAME_TABLE:
+    match = re.fullmatch(pattern, key)
+    if match:
+      return match.expand(template), transform
+  return None
+
+
+def _geometric_offsets(src_half: int, dst_half: int) -> np.ndarray:
+  """Source grid offsets [1, 1+q, 1+q+q^2, ...] with q chosen so they span `dst_half` (BEiT)."""
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:
+    q = (left + right) / 2.0
+    total = (1.0 - q ** src_half) / (1.0 - q)
+    if total > dst_half:
+      right = q
+    else:
+      left = q
+  q = (left + right) / 2.0
+  offsets, cur = [], 1.0
+  for i in range(src_half):
+    offsets.append(cur)
+    cur += q ** (i + 1)
+  return np.asarray(offsets)
+
+
+def resize_rel_pos_table(table: np.ndarray, dst_rows: int) -> np.ndarray:
+  """Resize a BEiT relative position bias table [(2Gs-1)^2 + 3, heads] to `dst_rows` rows.
+
+  The (2G-1)^2 offset grid is resampled with an interpolating bicubic spline over a geometric
+  progression of source coordinates (the reference's `interpolate_pos_embed`, whose scipy
+  `interp2d(kind='cubic')` equals `RectBivariateSpline(kx=ky=3, s=0)`); the 3 cls rows are kept.
+  """
+  from scipy.interpolate import RectBivariateSpline
+
+  extra = 3
+  src = int(round(math.sqrt(table.shape[0] - extra)))
+  dst = int(round(math.sqrt(dst_rows - extra)))
+  if src * src + extra != table.shape[0] or dst * dst + extra != dst_rows:
+    raise ConversionError(f"relative position table rows {table.shape[0]} -> {dst_rows} are not "
+                          "of the form (2G-1)^2 + 3")
+  if src == dst:
+    return table
+  offsets = _geometric_offsets(src // 2, dst // 2)
+  coords = np.concatenate([-offsets[::-1], [0.0], offsets])
+  targets = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+  grid = table[:-extra].astype(np.float64)
+  columns = []
+  for head in range(table.shape[1]):
+    z = grid[:, head].reshape(src, src)  # [dy, dx]
+    spline = RectBivariateSpline(coords, coords, z, kx=3, ky=3, s=0)
+    columns.append(spline(targets, targets).reshape(-1))
+  resized = np.stack(columns, axis=-1).astype(table.dtype)
+  return np.concatenate([resized, table[-extra:]], axis=0)
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[str, tuple],
+                       *, allow_missing: tuple[str, ...] = (),
+                       source: str = "checkpoint") -> tuple[dict[str, np.ndarray], list[str]]:
+  """Map a PyTorch state dict onto the model's flat param names ('/'-joined).
+
+  Args:
+    state: torch key -> numpy array.
+    target_shapes: flat Flax param path -> expected shape (from `jax.eval_shape` of init).
+    allow_missing: fnmatch patterns of Flax paths that may be absent (left to fresh init).
+    source: file name for error messages.
+  Returns:
+    (params: flat path -> array, missing: the allowed-missing paths the caller must initialise).
+  Raises:
+    ConversionError listing unexpected keys, missing params and shape mismatches.
+  """
+  params: dict[str, np.ndarray] = {}
+  unexpected, mismatched, buffer_errors = [], [], []
+  word_embeddings = next((v for k, v in state.items() if _WORD_EMBEDDINGS.fullmatch(k)), None)
+  mlm_bias = next((v for k, v in state.items() if _MLM_BIAS.fullmatch(k)), None)
+
+  for key, value in state.items():
+    if _REL_INDEX.fullmatch(key):
+      continue  # checked below against the model's own index at the checkpoint's resolution
+    if _POSITION_IDS.fullmatch(key):
+      if not np.array_equal(value.reshape(-1), np.arange(value.size)):
+        buffer_errors.append(f"{key}: position_ids is not arange({value.size})")
+      continue
+    if _DECODER_WEIGHT.fullmatch(key):
+      if word_embeddings is None or not np.array_equal(value, word_embeddings):
+        buffer_errors.append(f"{key}: MLM decoder weight is not tied to the word embeddings")
+      continue
+    if _DECODER_BIAS.fullmatch(key):
+      if mlm_bias is None or not np.array_equal(value, mlm_bias):
+        buffer_errors.append(f"{key}: MLM decoder bias differs from cls.predictions.bias")
+      continue
+    mapped = _map_name(key)
+    if mapped is None or mapped[0] not in target_shapes:
+      unexpected.append(f"{key} {list(value.shape)}"
+                        + (f" (would be {mapped[0]})" if mapped else ""))
+      continue
+    path, transform = mapped
+    array = transform(np.asarray(value))
+    expected = tuple(target_shapes[path])
+    if _REL_TABLE_PATH.fullmatch(path) and array.shape != expected and array.shape[1:] == expected[1:]:
+      array = resize_rel_pos_table(array, expected[0])
+    if path == "frame_pos_embed" and array.shape != expected and array.shape[1:] == expected[1:]:
+      keep = min(array.shape[0], expected[0])  # copy the first frames, as the reference does
+      fresh = np.zeros(expected, array.dtype)
+      fresh[:keep] = array[:keep]
+      array = fresh
+    if array.shape != expected:
+      mismatched.append(f"{path} (from {key}): expected {list(expected)}, found {list(array.shape)}")
+      continue
+    params[path] = array
+
+  for key, value in state.items():
+    match = _REL_INDEX.fullmatch(key)
+    if match:
+      grid = int(round(math.sqrt(value.shape[0] - 1)))
+      if grid * grid + 1 != value.shape[0] or not np.array_equal(value, relative_position_index(grid)):
+        buffer_errors.append(f"{key}: relative_position_index differs from the BEiT layout")
+
+  missing = sorted(p for p in target_shapes if p not in params)
+  allowed = [p for p in missing if any(fnmatch.fnmatchcase(p, pat) for pat in allow_missing)]
+  not_allowed = [f"{p} {list(target_shapes[p])}" for p in missing if p not in allowed]
+  problems = []
+  if not_allowed:
+    problems.append("missing from the checkpoint (model parameter, expected shape):\n  "
+                    + "\n  ".join(not_allowed))
+  if unexpected:
+    problems.append("unexpected in the checkpoint (key, shape):\n  " + "\n  ".join(unexpected))
+  if mismatched:
+    problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
+  if buffer_errors:
+    problems.append("buffer checks failed:\n  " + "\n  ".join(buffer_errors))
+  if problems:
+    hint = ("\nUse --allow-missing PATTERN for parameters you intend to train from scratch."
+            if not_allowed else "")
+    raise ConversionError(f"{source} does not match the model config:\n" + "\n".join(problems)
+                          + hint)
+  return params, allowed
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+  """Inverse of `unflatten`."""
+  flat = {}
+  for name, value in tree.items():
+    path = f"{prefix}/{name}" if prefix else name
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def convert_checkpoint(path: str, model, *, allow_missing: tuple[str, ...] = (), seed: int = 0):
+  """Read a released checkpoint and return a nested params dict for `model` (an `X2VLM`).
+
+  Parameters matched by `allow_missing` and absent from the file come from a fresh `model.init`
+  with `seed`. Everything else must match exactly (see `convert_state_dict`).
+  """
+  import jax
+  import flax.linen as nn
+  from x2vlm_jax.models.x2vlm import abstract_variables, init_inputs
+
+  abstract = nn.meta.unbox(abstract_variables(model)["params"])
+  shapes = {p: tuple(v.shape) for p, v in flatten(abstract).items()}
+  params, missing = convert_state_dict(load_torch_state_dict(path), shapes,
+                                       allow_missing=allow_missing, source=path)
+  if missing:
+    fresh = flatten(nn.meta.unbox(model.init(jax.random.PRNGKey(seed), *init_inputs(model))["params"]))
+    for p in missing:
+      params[p] = np.asarray(fresh[p])
+  dtypes = {p: v.dtype for p, v in flatten(abstract).items()}
+  return unflatten({p: np.asarray(v, dtype=dtypes[p]) for p, v in params.items()}), missing

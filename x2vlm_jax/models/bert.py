@@ -1,0 +1,239 @@
+"""BERT text encoder and fusion (cross-attention) layers, post-LN as in HF BERT.
+
+One stack of `num_layers` layers: layers `[0, fusion_start)` are text-only, layers
+`[fusion_start, num_layers)` add cross-attention to vision tokens between self-attention and the FFN.
+Three ways to run it, as in the reference's `BertEncoder(mode=...)`:
+  `encode_text`  ids -> embeddings -> text layers                 ("text")
+  `fuse`         text hidden states + vision -> fusion layers     ("fusion")
+  `encode_multimodal` ids + vision -> all layers                  ("multi_modal"; MLM, VQA, NLVR2)
+Shapes: ids/atts `[B, L]`, hidden `[B, L, H]`, vision `[B, S, Dv]` with mask `[B, S]`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from x2vlm_jax.models import layers
+
+Dtype = Any
+
+
+def _key_mask(atts: jax.Array) -> jax.Array:
+  """[B, S] 0/1 -> boolean [B, 1, 1, S] (True = attend)."""
+  return (atts > 0)[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+  """query/key/value projections and multi-head attention (HF `BertSelfAttention`)."""
+  num_heads: int
+  kv_logical: str = "embed"
+  attention_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, context: jax.Array, context_mask: jax.Array,
+               deterministic: bool) -> jax.Array:
+    """hidden [B, L, H] attends to context [B, S, Dc] (mask [B, 1, 1, S]) -> [B, L, H]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = hidden.shape[-1]
+    head_dim = width // self.num_heads
+
+    def project(x, name, logical):
+      y = layers.dense(width, (logical, "heads"), name=name, **kw)(x)
+      return y.reshape(x.shape[0], x.shape[1], self.num_heads, head_dim)
+
+    query = project(hidden, "query", "embed")
+    key = project(context, "key", self.kv_logical)
+    value = project(context, "value", self.kv_logical)
+    dropout_rng = None
+    if not deterministic and self.attention_dropout > 0:
+      dropout_rng = self.make_rng("dropout")
+    out = layers.attention(query, key, value, mask=context_mask,
+                           dropout_rate=self.attention_dropout, dropout_rng=dropout_rng,
+                           deterministic=deterministic)
+    return out.reshape(hidden.shape[0], hidden.shape[1], width)
+
+
+class ResidualOutput(nn.Module):
+  """dense -> dropout -> LayerNorm(residual + .) (HF `BertSelfOutput` / `BertOutput`)."""
+  width: int
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  in_logical: str = "heads"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layers.dense(self.width, (self.in_logical, "embed"), name="dense", **kw)(x)
+    x = nn.Dropout(self.hidden_dropout)(x, deterministic=deterministic)
+    return layers.layer_norm(self.layer_norm_eps, name="LayerNorm", **kw)(x + residual)
+
+
+class AttentionBlock(nn.Module):
+  """Self- or cross-attention followed by its residual output (HF `BertAttention`)."""
+  num_heads: int
+  kv_logical: str = "embed"
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden, context, context_mask, deterministic):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attended = SelfAttention(self.num_heads, self.kv_logical, self.attention_dropout,
+                             name="self", **kw)(hidden, context, context_mask, deterministic)
+    return ResidualOutput(hidden.shape[-1], self.layer_norm_eps, self.hidden_dropout,
+                          name="output", **kw)(attended, hidden, deterministic)
+
+
+class BertLayer(nn.Module):
+  """self-attention -> [cross-attention to vision] -> FFN, each post-LN."""
+  num_heads: int
+  mlp_dim: int
+  has_cross_attention: bool = False
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, mask: jax.Array, vision: jax.Array | None,
+               vision_mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    """hidden [B, L, H], mask [B, 1, 1, L]; vision [B, S, Dv], vision_mask [B, 1, 1, S]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn_kw = dict(layer_norm_eps=self.layer_norm_eps, hidden_dropout=self.hidden_dropout,
+                   attention_dropout=self.attention_dropout, **kw)
+    hidden = AttentionBlock(self.num_heads, name="attention", **attn_kw)(
+        hidden, hidden, mask, deterministic)
+    if self.has_cross_attention and vision is not None:
+      hidden = AttentionBlock(self.num_heads, kv_logical="kv_embed", name="crossattention",
+                              **attn_kw)(hidden, vision, vision_mask, deterministic)
+    inter = layers.dense(self.mlp_dim, ("embed", "mlp"), name="intermediate", **kw)(hidden)
+    inter = layers.constrain(layers.gelu(inter), ("act_batch", "act_len", "act_mlp"))
+    hidden = ResidualOutput(hidden.shape[-1], self.layer_norm_eps, self.hidden_dropout,
+                            in_logical="mlp", name="output", **kw)(inter, hidden, deterministic)
+    return layers.constrain(hidden, ("act_batch", "act_len", "act_embed"))
+
+
+class Embeddings(nn.Module):
+  """word + position + token_type(0) embeddings -> LayerNorm -> dropout."""
+  vocab_size: int
+  width: int
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    init = lambda names: nn.with_logical_partitioning(layers.default_kernel_init, names)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.word_embeddings = nn.Embed(self.vocab_size, self.width,
+                                    embedding_init=init(("vocab", "embed")), **kw)
+    self.position_embeddings = nn.Embed(self.max_position, self.width,
+                                        embedding_init=init((None, "embed")), **kw)
+    self.token_type_embeddings = nn.Embed(self.type_vocab_size, self.width,
+                                          embedding_init=init((None, "embed")), **kw)
+    self.LayerNorm = layers.layer_norm(self.layer_norm_eps, name=None, **kw)
+    self.dropout = nn.Dropout(self.hidden_dropout)
+
+  def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
+    """ids [B, L] -> [B, L, H]."""
+    length = ids.shape[1]
+    if length > self.max_position:
+      raise ValueError(f"text length {length} exceeds max_position {self.max_position}")
+    x = (self.word_embeddings(ids) + self.position_embeddings(jnp.arange(length))[None]
+         + self.token_type_embeddings(jnp.zeros_like(ids)))
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+  def attend(self, hidden: jax.Array) -> jax.Array:
+    """Tied decoder: hidden [..., H] -> logits [..., V] against the word embeddings."""
+    return self.word_embeddings.attend(hidden)
+
+
+class BertModel(nn.Module):
+  """Embeddings + `num_layers` BERT layers (cross-attention from `fusion_start`) + MLM head."""
+  vocab_size: int = 30522
+  width: int = 768
+  num_layers: int = 18
+  fusion_start: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  mlm_head: bool = True
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embeddings = Embeddings(self.vocab_size, self.width, self.max_position,
+                                 self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout,
+                                 **kw)
+    layer_cls = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+    self.layer = [
+        layer_cls(self.num_heads, self.mlp_dim, i >= self.fusion_start, self.layer_norm_eps,
+                  self.hidden_dropout, self.attention_dropout, **kw)
+        for i in range(self.num_layers)
+    ]
+    if self.mlm_head:
+      self.mlm_transform = MlmTransform(self.layer_norm_eps, **kw)
+      self.mlm_bias = self.param("mlm_bias",
+                                 nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                                 (self.vocab_size,), self.param_dtype)
+
+  def _run(self, hidden, atts, start, stop, vision, vision_atts, deterministic):
+    mask = _key_mask(atts)
+    vision_mask = None if vision_atts is None else _key_mask(vision_atts)
+    for i in range(start, stop):
+      hidden = self.layer[i](hidden, mask, vision, vision_mask, deterministic)
+    return hidden
+
+  def encode_text(self, ids: jax.Array, atts: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Text layers only: ids/atts [B, L] -> text_embeds [B, L, H]."""
+    hidden = self.embeddings(ids, deterministic)
+    return self._run(hidden, atts, 0, self.fusion_start, None, None, deterministic)
+
+  def fuse(self, text_embeds: jax.Array, text_atts: jax.Array, vision: jax.Array,
+           vision_atts: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Fusion layers on encoded text: [B, L, H] + vision [B, S, Dv] (mask [B, S]) -> [B, L, H]."""
+    return self._run(text_embeds, text_atts, self.fusion_start, self.num_layers, vision,
+                     vision_atts, deterministic)
+
+  def encode_multimodal(self, ids: jax.Array, atts: jax.Array, vision: jax.Array,
+                        vision_atts: jax.Array, deterministic: bool = True) -> jax.Array:
+    """All layers from token ids, cross-attending to vision in the fusion layers -> [B, L, H]."""
+    hidden = self.embeddings(ids, deterministic)
+    return self._run(hidden, atts, 0, self.num_layers, vision, vision_atts, deterministic)
+
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """MLM head with the decoder tied to the word embeddings: [B, M, H] -> [B, M, V] float32."""
+    h = self.mlm_transform(hidden)
+    return self.embeddings.attend(h).astype(jnp.float32) + self.mlm_bias.astype(jnp.float32)
+
+
+class MlmTransform(nn.Module):
+  """The MLM head's transform: dense -> exact GELU -> LayerNorm."""
+  layer_norm_eps: float = 1e-12
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.dense(hidden.shape[-1], ("embed", "mlp"), name="dense", **kw)(hidden)
+    return layers.layer_norm(self.layer_norm_eps, name="LayerNorm", **kw)(layers.gelu(h))

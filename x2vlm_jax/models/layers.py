@@ -1,0 +1,124 @@
+"""Small building blocks shared by the vision and text towers.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); the mapping of those
+names onto the device mesh lives in `x2vlm_jax/sharding.py` and the config, never here.
+
+Logical parameter axes: `embed` (model width), `mlp` (FFN hidden), `heads` (merged heads x head_dim),
+`kv_embed` (vision width entering cross-attention keys/values), `vocab`, `norm` (LayerNorm vectors,
+replicated), `rel_pos`, `proj` (ITC embedding), `classes`, `patch`, `frames`.
+Logical activation axes: `act_batch`, `act_len`, `act_embed`, `act_heads`, `act_mlp`, `act_vocab`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+# Truncated-normal(0.02) as in BERT/BEiT initialisation (the reference truncates at +-2 std).
+default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as torch.nn.GELU() and HF BERT's "gelu"."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def dense(features: int, names: Sequence[str | None], *, use_bias: bool = True, dtype: Dtype,
+          param_dtype: Dtype, name: str, kernel_init=default_kernel_init) -> nn.Dense:
+  """`nn.Dense` whose kernel [in, out] and bias [out] carry logical axis names `names`."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, tuple(names)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[-1],)),
+      name=name,
+  )
+
+
+def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm with float32 statistics; scale/bias are replicated (`norm` logical axis)."""
+  return nn.LayerNorm(
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+      name=name,
+  )
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Logical sharding constraint on an activation (a no-op outside a mesh/rules context)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: jax.Array | None = None,
+              mask: jax.Array | None = None, dropout_rate: float = 0.0,
+              dropout_rng: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+  """Scaled dot-product attention, softmax in float32.
+
+  Args:
+    query: [B, T, N, Dh]; key, value: [B, S, N, Dh].
+    bias: additive logits bias broadcastable to [B, N, T, S] (e.g. relative position bias).
+    mask: boolean, True = attend, broadcastable to [B, N, T, S].
+    dropout_rate: attention-probability dropout, only applied when `deterministic` is False.
+  Returns:
+    [B, T, N, Dh] in the query dtype.
+
+  Without probability dropout this is `jax.nn.dot_product_attention` (cuDNN flash attention on GPU
+  where shapes allow). A boolean mask is exactly the reference's additive -1e4 / -1e9 masks: no
+  row is ever fully masked here ([CLS] / the region slot is always visible).
+  """
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
+  depth = query.shape[-1]
+  logits = jnp.einsum("btnd,bsnd->bnts", query, key,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(depth).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+  return jnp.einsum("bnts,bsnd->btnd", probs, value)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zero a residual branch per sample with probability `rate` (training only)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+
+class MlpHead(nn.Module):
+  """The reference's `build_mlp`: Dense(D, 2D) -> LayerNorm(eps 1e-5) -> GELU -> Dense(2D, k).
+
+  Used for `itm_head` (k=2, class 1 = match), `bbox_head` (k=4) and task heads.
+  """
+  num_outputs: int
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, D] -> [B, num_outputs]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.hidden_dim, ("embed", "mlp"), name="dense_0", **kw)(x)
+    x = layer_norm(1e-5, name="norm", **kw)(x)
+    x = gelu(x)
+    return dense(self.num_outputs, ("mlp", "classes"), name="dense_1", **kw)(x)

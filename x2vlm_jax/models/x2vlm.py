@@ -1,0 +1,205 @@
+"""The composed X2-VLM model: vision tower, text/fusion stack, projections and heads.
+
+Call any of the methods through `model.apply(variables, ..., method=X2VLM.encode_image)` etc.
+Shapes: images `[B, H, W, 3]` NHWC, text ids/atts `[B, L]`, vision embeds `[B, 1+N, D]`,
+text embeds `[B, L, H]`, features `[B, E]` (L2-normalised).
+
+Parameter tree (top level): `vision`, `text`, `vision_proj`, `text_proj`, `temp`, `itm_head`,
+`bbox_head`, and `frame_pos_embed` when `num_frames > 0`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from x2vlm_jax.models import layers
+from x2vlm_jax.models.bert import BertModel
+from x2vlm_jax.models.vit import VisionTransformer
+
+Dtype = Any
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis (torch F.normalize), in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class X2VLM(nn.Module):
+  """X2-VLM. Every size is a plain attribute so `X2VLM(**config.model)` builds it."""
+  # Vision (BEiT-2).
+  image_res: int = 224
+  patch_size: int = 16
+  vision_width: int = 768
+  vision_depth: int = 12
+  vision_heads: int = 12
+  vision_mlp_dim: int = 3072
+  vision_layer_norm_eps: float = 1e-6
+  layer_scale_init: float = 0.1
+  drop_path_rate: float = 0.1
+  num_frames: int = 0  # > 0: learned frame position embedding for `num_frames` video frames
+  # Text + fusion (BERT).
+  vocab_size: int = 30522
+  text_width: int = 768
+  text_layers: int = 12
+  fusion_layers: int = 6
+  text_heads: int = 12
+  text_mlp_dim: int = 3072
+  max_position: int = 512
+  type_vocab_size: int = 2
+  text_layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  mlm_head: bool = True
+  # Heads.
+  embed_dim: int = 256
+  temp_init: float = 0.07
+  # Execution.
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.vision = VisionTransformer(
+        image_res=self.image_res, patch_size=self.patch_size, width=self.vision_width,
+        depth=self.vision_depth, num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
+        layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
+        drop_path_rate=self.drop_path_rate, remat=self.remat, **kw)
+    self.text = BertModel(
+        vocab_size=self.vocab_size, width=self.text_width,
+        num_layers=self.text_layers + self.fusion_layers, fusion_start=self.text_layers,
+        num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_position=self.max_position,
+        type_vocab_size=self.type_vocab_size, layer_norm_eps=self.text_layer_norm_eps,
+        hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
+        mlm_head=self.mlm_head, remat=self.remat, **kw)
+    self.vision_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
+    self.text_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
+    self.temp = self.param("temp", nn.with_logical_partitioning(
+        nn.initializers.constant(self.temp_init), ()), (), jnp.float32)
+    self.itm_head = layers.MlpHead(2, 2 * self.text_width, **kw)
+    self.bbox_head = layers.MlpHead(4, 2 * self.text_width, **kw)
+    if self.num_frames > 0:
+      self.frame_pos_embed = self.param(
+          "frame_pos_embed",
+          nn.with_logical_partitioning(layers.default_kernel_init, ("frames", None, "embed")),
+          (self.num_frames, 1, self.vision_width), self.param_dtype)
+
+  # ------------------------------------------------------------------ vision
+  def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    """images [B, H, W, 3] -> image_embeds [B, 1+N, D] (position 0: mean of normed patches)."""
+    return self.vision(images, deterministic)
+
+  def encode_regions(self, images: jax.Array, image_atts: jax.Array, idx_to_group_img: jax.Array,
+                     deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Regions of images, one ViT forward per image.
+
+    Args:
+      images: [N_img, H, W, 3].
+      image_atts: [R, 1+N] 0/1 patch mask per region (slot 0 always 1).
+      idx_to_group_img: [R] index of each region's image.
+    Returns:
+      region_embeds [R, 1+N, D]: slot 0 = mean of the patches inside the box, then all patches;
+      full_embeds [R, 1+N, D]: the whole-image embeddings of each region's image (box prediction).
+    """
+    image_embeds = self.vision(images, deterministic)
+    full_embeds = jnp.take(image_embeds, idx_to_group_img, axis=0)
+    patches = full_embeds[:, 1:]
+    weights = image_atts[:, 1:, None].astype(jnp.float32)
+    region_cls = (jnp.sum(weights * patches.astype(jnp.float32), axis=1)
+                  / jnp.sum(weights, axis=1)).astype(patches.dtype)
+    region_embeds = jnp.concatenate([region_cls[:, None], patches], axis=1)
+    return region_embeds, full_embeds
+
+  def encode_video(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+    """frames [B, F, H, W, 3] -> [B, 1+N, D]: per-frame ViT, + frame embedding, mean over F."""
+    batch, num_frames = frames.shape[:2]
+    embeds = self.vision(frames.reshape((batch * num_frames,) + frames.shape[2:]), deterministic)
+    embeds = embeds.reshape((batch, num_frames) + embeds.shape[1:])
+    if self.num_frames > 0:
+      if num_frames > self.num_frames:
+        raise ValueError(f"{num_frames} frames given; the model has embeddings for "
+                         f"{self.num_frames} (config model.num_frames)")
+      embeds = embeds + self.frame_pos_embed[None, :num_frames].astype(embeds.dtype)
+    return jnp.mean(embeds.astype(jnp.float32), axis=1).astype(embeds.dtype)
+
+  def image_features(self, vision_embeds: jax.Array) -> jax.Array:
+    """[B, 1+N, D] -> L2-normalised vision_proj(cls) [B, E] (float32)."""
+    return l2_normalize(self.vision_proj(vision_embeds[:, 0]))
+
+  # ------------------------------------------------------------------ text
+  def encode_text(self, text_ids: jax.Array, text_atts: jax.Array,
+                  deterministic: bool = True) -> jax.Array:
+    """[B, L] ids/atts -> text_embeds [B, L, H] (text layers only)."""
+    return self.text.encode_text(text_ids, text_atts, deterministic)
+
+  def text_features(self, text_embeds: jax.Array) -> jax.Array:
+    """[B, L, H] -> L2-normalised text_proj([CLS]) [B, E] (float32)."""
+    return l2_normalize(self.text_proj(text_embeds[:, 0]))
+
+  # ------------------------------------------------------------------ fusion + heads
+  def fuse(self, vision_embeds: jax.Array, vision_atts: jax.Array, text_embeds: jax.Array,
+           text_atts: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Fusion layers: text [B, L, H] attends to vision [B, 1+N, D] (mask [B, 1+N]) -> [B, L, H]."""
+    return self.text.fuse(text_embeds, text_atts, vision_embeds, vision_atts, deterministic)
+
+  def itm_logits(self, cross_embeds: jax.Array) -> jax.Array:
+    """[B, L, H] -> [B, 2] logits from the fused [CLS]; class 1 = match."""
+    return self.itm_head(cross_embeds[:, 0]).astype(jnp.float32)
+
+  def predict_box(self, cross_embeds: jax.Array) -> jax.Array:
+    """[B, L, H] -> normalised (cx, cy, w, h) in (0, 1), [B, 4]."""
+    return jax.nn.sigmoid(self.bbox_head(cross_embeds[:, 0]).astype(jnp.float32))
+
+  def mlm_logits(self, text_ids_masked: jax.Array, text_atts: jax.Array, vision_embeds: jax.Array,
+                 vision_atts: jax.Array, masked_pos: jax.Array,
+                 deterministic: bool = True) -> jax.Array:
+    """All layers on masked ids with vision, logits at `masked_pos` [B, M] -> [B, M, V]."""
+    hidden = self.text.encode_multimodal(text_ids_masked, text_atts, vision_embeds, vision_atts,
+                                         deterministic)
+    at_masks = jnp.take_along_axis(hidden, masked_pos[:, :, None], axis=1)
+    return self.text.mlm_logits(at_masks)
+
+  def clamped_temp(self) -> jax.Array:
+    """The ITC temperature clamped to [0.001, 0.5] as the reference clamps it before each step."""
+    return jnp.clip(self.temp, 0.001, 0.5)
+
+  def __call__(self, images: jax.Array, text_ids: jax.Array, text_atts: jax.Array,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    """Touches every parameter (used by `init`): image-text features, ITM, box and MLM logits."""
+    image_embeds = self.encode_image(images, deterministic)
+    text_embeds = self.encode_text(text_ids, text_atts, deterministic)
+    image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+    cross = self.fuse(image_embeds, image_atts, text_embeds, text_atts, deterministic)
+    out = dict(image_feat=self.image_features(image_embeds),
+               text_feat=self.text_features(text_embeds), itm_logits=self.itm_logits(cross),
+               box=self.predict_box(cross), temp=self.clamped_temp())
+    if self.mlm_head:
+      out["mlm_logits"] = self.mlm_logits(text_ids, text_atts, image_embeds, image_atts,
+                                          jnp.zeros((text_ids.shape[0], 1), jnp.int32),
+                                          deterministic)
+    if self.num_frames > 0:
+      frames = jnp.broadcast_to(images[:, None], (images.shape[0], self.num_frames) + images.shape[1:])
+      out["video_feat"] = self.image_features(self.encode_video(frames[:1], deterministic))
+    return out
+
+
+def init_inputs(model: X2VLM, batch: int = 1, text_len: int = 8):
+  """Dummy inputs for `model.init` (shapes only matter)."""
+  images = jnp.zeros((batch, model.image_res, model.image_res, 3), jnp.float32)
+  ids = jnp.zeros((batch, text_len), jnp.int32)
+  return images, ids, jnp.ones_like(ids)
+
+
+def abstract_variables(model: X2VLM):
+  """`jax.eval_shape` of `model.init`: boxed (logically partitioned) ShapeDtypeStructs, no FLOPs."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_inputs(model)))
+
+
+def count_params(params) -> int:
+  """Number of scalars in a params tree (boxed or not)."""
+  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
+  return int(sum(x.size for x in leaves))
