@@ -298,22 +298,28 @@ def flatten(tree: Mapping, prefix: str = "") -> dict:
 
 
 def convert_checkpoint(path: str, model, *, allow_missing: tuple[str, ...] = (), seed: int = 0):
-  """Read a released checkpoint and return a nested params dict for `model` (an `X2VLM`).
+  """Read a released checkpoint and return (nested params for `model`, fresh-initialised names)."""
+  return params_for_model(load_torch_state_dict(path), model, allow_missing=allow_missing,
+                          seed=seed, source=path)
 
-  Parameters matched by `allow_missing` and absent from the file come from a fresh `model.init`
-  with `seed`. Everything else must match exactly (see `convert_state_dict`).
+
+def params_for_model(state: Mapping[str, np.ndarray], model, *, allow_missing: tuple[str, ...] = (),
+                     seed: int = 0, source: str = "checkpoint"):
+  """Convert a state dict for `model` (an `X2VLM`) -> (nested numpy params, fresh-init names).
+
+  Parameters matched by `allow_missing` and absent from the state dict come from a fresh
+  `model.init` with `seed`. Everything else must match exactly (see `convert_state_dict`).
   """
   import jax
   import flax.linen as nn
   from x2vlm_jax.models.x2vlm import abstract_variables, init_inputs
 
-  abstract = nn.meta.unbox(abstract_variables(model)["params"])
-  shapes = {p: tuple(v.shape) for p, v in flatten(abstract).items()}
-  params, missing = convert_state_dict(load_torch_state_dict(path), shapes,
-                                       allow_missing=allow_missing, source=path)
+  abstract = flatten(nn.meta.unbox(abstract_variables(model)["params"]))
+  shapes = {p: tuple(v.shape) for p, v in abstract.items()}
+  params, missing = convert_state_dict(state, shapes, allow_missing=allow_missing, source=source)
   if missing:
-    fresh = flatten(nn.meta.unbox(model.init(jax.random.PRNGKey(seed), *init_inputs(model))["params"]))
+    fresh = flatten(nn.meta.unbox(
+        model.init(jax.random.PRNGKey(seed), *init_inputs(model))["params"]))
     for p in missing:
       params[p] = np.asarray(fresh[p])
-  dtypes = {p: v.dtype for p, v in flatten(abstract).items()}
-  return unflatten({p: np.asarray(v, dtype=dtypes[p]) for p, v in params.items()}), missing
+  return unflatten({p: np.asarray(v, dtype=abstract[p].dtype) for p, v in params.items()}), missing

@@ -203,3 +203,27 @@ def count_params(params) -> int:
   """Number of scalars in a params tree (boxed or not)."""
   leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
   return int(sum(x.size for x in leaves))
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_NOT_CONFIG = ("parent", "name")
+
+
+def model_config():
+  """ConfigDict of every `X2VLM` attribute at its default (X2-VLM-base); dtypes as strings."""
+  import dataclasses
+  import ml_collections
+
+  fields = {f.name: f.default for f in dataclasses.fields(X2VLM) if f.name not in _NOT_CONFIG}
+  fields["dtype"] = fields["param_dtype"] = "float32"
+  return ml_collections.ConfigDict(fields)
+
+
+def build_model(model_cfg) -> X2VLM:
+  """`X2VLM` from a config made by `model_config()` (unknown keys raise a TypeError naming them)."""
+  kwargs = dict(model_cfg)
+  for key in ("dtype", "param_dtype"):
+    if kwargs.get(key) not in _DTYPES:
+      raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")
+    kwargs[key] = _DTYPES[kwargs[key]]
+  return X2VLM(**kwargs)

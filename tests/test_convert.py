@@ -1,0 +1,138 @@
+"""Converter: error lists, buffer checks, resolution change, and BERT parity with `transformers`."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from x2vlm_jax import convert
+from x2vlm_jax.models import x2vlm
+from x2vlm_jax.models.vit import relative_position_index
+
+torch = pytest.importorskip("torch")
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "pretrain_tiny")
+
+
+@pytest.fixture(scope="module")
+def fixture_state():
+  return convert.load_torch_state_dict(os.path.join(FIXTURE, "checkpoint.th"))
+
+
+def _shapes(model):
+  abstract = nn.meta.unbox(x2vlm.abstract_variables(model)["params"])
+  return {p: tuple(v.shape) for p, v in convert.flatten(abstract).items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  import json
+  from x2vlm_jax.parity import model_from_manifest
+  return model_from_manifest(json.load(open(os.path.join(FIXTURE, "manifest.json"))))
+
+
+def test_every_key_mapped_and_every_param_filled(fixture_state, tiny_model):
+  params, missing = convert.convert_state_dict(fixture_state, _shapes(tiny_model))
+  assert not missing and set(params) == set(_shapes(tiny_model))
+  np.testing.assert_array_equal(params["vision/blocks_1/attn/qkv/kernel"],
+                                fixture_state["vision_encoder.blocks.1.attn.qkv.weight"].T)
+  np.testing.assert_array_equal(params["vision/patch_embed/kernel"][2, 3, 1],
+                                fixture_state["vision_encoder.patch_embed.proj.weight"][:, 1, 2, 3])
+
+
+def test_mismatch_lists_missing_unexpected_and_shapes(fixture_state, tiny_model):
+  state = dict(fixture_state)
+  del state["itm_head.3.bias"]
+  state["some_new_head.weight"] = np.zeros((3, 3), np.float32)
+  state["text_proj.weight"] = np.zeros((7, 64), np.float32)
+  with pytest.raises(convert.ConversionError) as err:
+    convert.convert_state_dict(state, _shapes(tiny_model), source="x.th")
+  msg = str(err.value)
+  assert "x.th does not match" in msg
+  assert "itm_head/dense_1/bias [2]" in msg
+  assert "some_new_head.weight [3, 3]" in msg
+  assert "text_proj/kernel (from text_proj.weight): expected [64, 32], found [64, 7]" in msg
+  assert "--allow-missing" in msg
+
+
+def test_allow_missing_leaves_heads_to_fresh_init(fixture_state, tiny_model):
+  state = {k: v for k, v in fixture_state.items() if not k.startswith("bbox_head.")}
+  params, missing = convert.convert_state_dict(state, _shapes(tiny_model),
+                                               allow_missing=("bbox_head/*",))
+  assert missing == sorted(p for p in _shapes(tiny_model) if p.startswith("bbox_head/"))
+
+
+def test_buffers_are_verified_not_loaded(fixture_state, tiny_model):
+  for key, corrupt in [("vision_encoder.blocks.0.attn.relative_position_index", lambda v: v[::-1]),
+                       ("text_encoder.bert.embeddings.position_ids", lambda v: v + 1),
+                       ("text_encoder.cls.predictions.decoder.weight", lambda v: v * 2)]:
+    state = dict(fixture_state)
+    state[key] = corrupt(state[key])
+    with pytest.raises(convert.ConversionError, match="buffer checks failed"):
+      convert.convert_state_dict(state, _shapes(tiny_model))
+
+
+def test_refuses_files_that_are_not_x2vlm(tmp_path):
+  path = tmp_path / "resnet.th"
+  torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, path)
+  with pytest.raises(convert.ConversionError, match="not an X2-VLM checkpoint"):
+    convert.load_torch_state_dict(str(path))
+  torch.save({"model": [1, 2]}, path)
+  with pytest.raises(convert.ConversionError, match="not a state dict"):
+    convert.load_torch_state_dict(str(path))
+
+
+def test_rel_pos_table_resize_keeps_cls_rows_and_integer_offsets():
+  rng = np.random.default_rng(0)
+  src = rng.normal(size=(27 * 27 + 3, 2)).astype(np.float32)  # 224 px (G=14)
+  dst = convert.resize_rel_pos_table(src, 47 * 47 + 3)  # 384 px (G=24)
+  assert dst.shape == (47 * 47 + 3, 2)
+  np.testing.assert_array_equal(dst[-3:], src[-3:])
+  grid_src, grid_dst = src[:-3].reshape(27, 27, 2), dst[:-3].reshape(47, 47, 2)
+  # Offsets 0 and +-1 sit exactly on source grid points (the geometric grid starts 0, 1, 1+q...).
+  for dy, dx in [(0, 0), (1, -1), (-1, 0)]:
+    np.testing.assert_allclose(grid_dst[23 + dy, 23 + dx], grid_src[13 + dy, 13 + dx], atol=1e-5)
+  assert convert.resize_rel_pos_table(src, src.shape[0]) is src
+
+
+def test_convert_to_a_higher_resolution_model(fixture_state):
+  import json
+  from x2vlm_jax.parity import model_from_manifest
+  manifest = json.load(open(os.path.join(FIXTURE, "manifest.json")))
+  manifest["config"]["image_res"] = 96  # grid 4 -> 6
+  big = model_from_manifest(manifest)
+  params, _ = convert.convert_state_dict(fixture_state, _shapes(big))
+  assert params["vision/blocks_0/attn/relative_position_bias_table"].shape == (11 * 11 + 3, 2)
+
+
+def test_text_layers_match_transformers_bert():
+  """An independent reference: HF `BertModel` (PyTorch) with random weights vs our text stack."""
+  from transformers import BertConfig, BertModel
+
+  cfg = BertConfig(vocab_size=99, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                   intermediate_size=80, max_position_embeddings=20, hidden_act="gelu",
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  torch.manual_seed(0)
+  hf = BertModel(cfg, add_pooling_layer=False).eval()
+  with torch.no_grad():  # randomise LayerNorms too, so a swapped scale/bias shows up
+    for name, p in hf.named_parameters():
+      if "LayerNorm" in name:
+        p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+  state = {"text_encoder." + k: v.numpy() for k, v in hf.state_dict().items()}
+  model = x2vlm.X2VLM(image_res=32, patch_size=16, vision_width=16, vision_depth=1, vision_heads=2,
+                      vision_mlp_dim=32, vocab_size=99, text_width=48, text_layers=3,
+                      fusion_layers=0, text_heads=4, text_mlp_dim=80, max_position=20,
+                      mlm_head=False, embed_dim=8, hidden_dropout=0.0, attention_dropout=0.0)
+  params, missing = convert.params_for_model(
+      state, model, allow_missing=("vision/*", "*_proj/*", "temp", "*_head/*"))
+  assert not [p for p in missing if p.startswith("text/")]
+  ids = np.array([[2, 17, 45, 8, 3, 0, 0], [2, 60, 3, 0, 0, 0, 0]])
+  atts = (ids > 0).astype(np.int64)
+  with torch.no_grad():
+    expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(atts)).last_hidden_state
+  variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+  ours = model.apply(variables, jnp.asarray(ids, jnp.int32), jnp.asarray(atts, jnp.int32),
+                     method=x2vlm.X2VLM.encode_text)
+  valid = atts.astype(bool)  # HF computes padded positions too; compare the real tokens
+  np.testing.assert_allclose(np.asarray(ours)[valid], expected.numpy()[valid], atol=2e-5)
