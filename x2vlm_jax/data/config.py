@@ -1,0 +1,86 @@
+"""Data-pipeline configuration: one `ml_collections.ConfigDict`, every field typed by its default.
+
+Config files call `data_config()` and override fields; the returned dict is locked, so a misspelt
+key fails at start-up (`cfg.unlock()` first if a config really needs a new field).
+
+    cfg = data_config()
+    cfg.vocab_path = "data/vocab.txt"
+    cfg.image_text.files = ["data/cc3m/*.jsonl"]      # JSONL, ArrayRecord or "tfds:name:split"
+    cfg.regions.files = ["data/vg_regions.array_record"]
+
+Record formats (one JSON object per line / per ArrayRecord record):
+  image-text: {"image": path | "image_b64"/"binary": base64, "caption": str | [str, ...]}
+  regions:    {"image": ..., "caption": optional str | [str],
+               "elems": [{"bbox"|"bb": [x, y, w, h] pixels, "caption": str | [str],
+                          "attributes": optional str | [str]}, ...]}
+
+Batch shapes (B = image_text.batch_size, L = max_tokens, M = max_masks, R = image_res,
+N = regions.max_images, Rb = regions.batch_size, P = (R / patch)^2): see `pipeline.py`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def _image_text() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          files=[],  # list[str]: JSONL / ArrayRecord paths (glob allowed) or "tfds:name:split".
+          image_root="",  # relative image paths are joined to this.
+          image_key="image",  # path key; base64 bytes are read from "image_b64" or "binary".
+          caption_key="caption",
+          batch_size=8,  # B, image-text pairs per batch (per process).
+          crop_scale_min=0.2,  # RandomResizedCrop scale range (crop_scale_min, 1.0).
+          hflip_prob=0.5,
+          randaug=True,  # RandAugment(N, M) with colour AND geometric ops (reference pretrain).
+      ))
+
+
+def _regions() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          files=[],
+          image_root="",
+          image_key="image",
+          caption_key="caption",
+          max_images=4,  # N_img: images per region batch (static; the reference calls it max_images).
+          batch_size=8,  # Rb: region-text pairs per batch (static).
+          max_regions=5,  # pairs per image, including the whole-image caption pair.
+          min_perc_in_image=0.5,  # keep a region if clipped_area / area > this.
+          hflip_prob=0.5,
+          randaug=True,  # colour-only RandAugment (Identity, AutoContrast, Equalize, Brightness, Sharpness).
+      ))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Returns the default (locked) data config; see the module docstring."""
+  cfg = ml_collections.ConfigDict(
+      dict(
+          vocab_path="",  # BERT WordPiece vocab.txt (ids of [PAD]/[CLS]/... are read from it).
+          max_tokens=40,  # L: [CLS] text [SEP] padded/truncated to this.
+          max_words=40,  # pre_caption keeps this many words.
+          mask_prob=0.5,
+          max_masks=12,  # M
+          skipgram_prb=0.2,
+          skipgram_size=3,
+          mask_whole_word=True,
+          # Our fix: swap "left"/"right" in captions when an image is flipped.
+          # False reproduces the reference (captions never rewritten).
+          swap_left_right_on_flip=True,
+          randaug_num_ops=2,  # N
+          randaug_magnitude=7,  # M (of 10)
+          exif_transpose=True,  # boxes are read in the EXIF-rotated (displayed) frame.
+          max_image_pixels=89_478_485,  # decompression-bomb guard (PIL's default limit).
+          image_text=_image_text(),
+          regions=_regions(),
+          num_workers=0,  # grain worker processes; 0 = decode in this process (threads).
+          read_threads=4,  # threads decoding records inside each process.
+          prefetch=2,  # batches prefetched (thread prefetch, or per-worker buffer).
+          seed=0,
+          shuffle=True,  # False reads records in file order (tests, debugging).
+          max_bad_fraction=0.01,  # abort (BadDataError) when bad / seen exceeds this ...
+          min_records_before_abort=100,  # ... but only after this many records were seen.
+          tfds_data_dir="",  # data_dir for "tfds:name:split" entries ("" = TFDS default).
+      ))
+  cfg.lock()
+  return cfg
