@@ -1,0 +1,82 @@
+"""Model structure: the reference's exact parameter counts, dtypes, regions and video paths."""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+from configs import x2vlm_base, x2vlm_large
+from x2vlm_jax.models import x2vlm
+from x2vlm_jax.models.vit import relative_position_index
+
+TINY = dict(image_res=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2,
+            vision_mlp_dim=64, vocab_size=64, text_width=32, text_layers=1, fusion_layers=1,
+            text_heads=2, text_mlp_dim=64, max_position=16, embed_dim=8, drop_path_rate=0.0,
+            hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@pytest.mark.parametrize("module,expected", [(x2vlm_base, 254_758_401), (x2vlm_large, 592_949_057)])
+def test_pretraining_parameter_count_matches_reference(module, expected):
+  model = x2vlm.build_model(module.get_config().model)
+  count = x2vlm.count_params(x2vlm.abstract_variables(model)["params"])
+  print(f"{module.__name__}: {count:,} parameters")
+  assert count == expected
+
+
+def test_relative_position_index_layout():
+  index = relative_position_index(2)  # 2x2 grid, table rows (3*3)+3 = 12
+  assert index.shape == (5, 5)
+  assert index[0, 0] == 11 and (index[0, 1:] == 9).all() and (index[1:, 0] == 10).all()
+  # patch 0 at (0,0) vs patch 3 at (1,1): (0-1+1)*3 + (0-1+1) = 0; reversed: (1+1)*3 + (1+1) = 8
+  assert index[1, 4] == 0 and index[4, 1] == 8 and index[1, 1] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = x2vlm.X2VLM(num_frames=3, **TINY)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  ids = jnp.array([[2, 5, 6, 3], [2, 7, 3, 0]])
+  atts = (ids > 0).astype(jnp.int32)
+  variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, ids, atts))
+  return model, variables, images, ids, atts
+
+
+def test_bfloat16_compute_is_close_to_float32(tiny):
+  model, variables, images, ids, atts = tiny
+  f32 = model.apply(variables, images, ids, atts)
+  bf16 = x2vlm.X2VLM(num_frames=3, dtype=jnp.bfloat16, **TINY).apply(variables, images, ids, atts)
+  for name in ("image_feat", "text_feat", "itm_logits", "box"):
+    assert np.isfinite(np.asarray(bf16[name], np.float32)).all()
+    np.testing.assert_allclose(np.asarray(bf16[name], np.float32), f32[name], atol=0.08)
+  assert bf16["mlm_logits"].dtype == jnp.float32  # logits and losses stay float32
+
+
+def test_regions_pool_the_patches_inside_the_box(tiny):
+  model, variables, images, _, _ = tiny
+  image_embeds = model.apply(variables, images, method=x2vlm.X2VLM.encode_image)
+  atts = jnp.array([[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]])  # 2x2 patches; region 0 = patches 0 and 3
+  regions, full = model.apply(variables, images, atts, jnp.array([1, 0]),
+                              method=x2vlm.X2VLM.encode_regions)
+  np.testing.assert_allclose(regions[0, 0], (image_embeds[1, 1] + image_embeds[1, 4]) / 2, atol=1e-6)
+  np.testing.assert_allclose(regions[1], image_embeds[0], atol=1e-6)  # whole box == image
+  np.testing.assert_allclose(full[0], image_embeds[1], atol=0)
+
+
+def test_video_is_the_mean_over_frames_plus_frame_embedding(tiny):
+  model, variables, images, _, _ = tiny
+  frames = jnp.stack([images, images[::-1], images], axis=1)  # [2, 3, H, W, 3]
+  video = model.apply(variables, frames, method=x2vlm.X2VLM.encode_video)
+  per_frame = [model.apply(variables, frames[:, f], method=x2vlm.X2VLM.encode_image) for f in range(3)]
+  pos = variables["params"]["frame_pos_embed"]
+  expected = sum(per_frame[f] + pos[f] for f in range(3)) / 3
+  np.testing.assert_allclose(video, expected, atol=1e-5)
+  assert video.shape == (2, 1 + 4, 32)
+
+
+def test_unknown_model_field_fails_before_anything_runs():
+  cfg = x2vlm_base.get_config().model
+  with pytest.raises(AttributeError):
+    cfg.vison_width = 3  # locked config: typo rejected
+  bad = dict(TINY, vison_width=3)
+  with pytest.raises(TypeError, match="vison_width"):
+    x2vlm.X2VLM(**bad)
