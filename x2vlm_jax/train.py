@@ -160,3 +160,142 @@ class Trainer:
 
 
 STAT_KEYS = ("num_bad_records", "num_records")
+
+
+# ---------------------------------------------------------------------------------------- loop
+def make_data_iterators(config, kinds: tuple[str, ...]) -> dict[str, Any]:
+  """One grain iterator per batch kind, sharded by process."""
+  from x2vlm_jax.data import pipeline  # the training step itself needs no data code
+
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  common = dict(image_res=config.model.image_res, patch_size=config.model.patch_size,
+                seed=config.data.seed, **shard)
+  makers = {"image_text": pipeline.make_image_text_iterator,
+            "regions": pipeline.make_region_iterator}
+  return {kind: makers[kind](config.data, **common) for kind in kinds}
+
+
+class BadRecordBudget:
+  """Sums the per-batch bad/seen record counts and aborts when the bad fraction is too high."""
+
+  def __init__(self, max_fraction: float, min_records: int):
+    self.max_fraction, self.min_records = max_fraction, min_records
+    self.bad, self.seen = 0, 0
+
+  def add(self, local_batches: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    for batch in local_batches.values():
+      self.bad += int(batch.get("num_bad_records", 0))
+      self.seen += int(batch.get("num_records", 0))
+    if self.seen >= self.min_records and self.bad > self.max_fraction * self.seen:
+      from x2vlm_jax.data.pipeline import BadDataError
+      raise BadDataError(f"{self.bad} of {self.seen} records were bad (more than "
+                         f"{self.max_fraction:.1%}, config.data.max_bad_fraction); the warnings "
+                         "above name each file and line")
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def restore_or_init(trainer: Trainer, checkpointer, iterators, config) -> State:
+  """Resume from the latest checkpoint in the workdir, else start from `config.init.checkpoint`
+  (an Orbax params directory, e.g. from tools/convert_checkpoint.py), else from scratch."""
+  from x2vlm_jax import checkpoint
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("Resuming from step %d (%s)", latest, checkpointer.directory)
+    return checkpointer.restore(latest, trainer.abstract_state, iterators)
+  params = None
+  if config.init.checkpoint:
+    params = load_init_params(trainer, config.init.checkpoint, tuple(config.init.allow_missing),
+                              config.train.seed)
+  return trainer.init_state(config.train.seed, params)
+
+
+def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str, ...], seed: int):
+  """Params from an Orbax params dir; names matched by `allow_missing` may be absent (fresh)."""
+  import fnmatch
+  from x2vlm_jax import checkpoint, convert
+
+  stored = convert.flatten(checkpoint.load_params(directory))
+  target = convert.flatten(trainer.abstract_state["params"])
+  missing = [p for p in target if p not in stored]
+  not_allowed = [p for p in missing if not any(fnmatch.fnmatchcase(p, a) for a in allow_missing)]
+  unexpected = [p for p in stored if p not in target]
+  mismatched = [f"{p}: expected {list(target[p].shape)}, found {list(stored[p].shape)}"
+                for p in target if p in stored and tuple(stored[p].shape) != tuple(target[p].shape)]
+  if not_allowed or unexpected or mismatched:
+    raise ValueError(f"init checkpoint {directory} does not match config.model:\n"
+                     f"  missing: {not_allowed}\n  unexpected: {unexpected}\n"
+                     f"  shape mismatches: {mismatched}\n"
+                     "(config.init.allow_missing lists patterns that may start fresh)")
+  if missing:
+    fresh = convert.flatten(jax.device_get(nn.meta.unbox(trainer.model.init(
+        jax.random.PRNGKey(seed), *x2vlm.init_inputs(trainer.model))["params"])))
+    stored.update({p: fresh[p] for p in missing})
+    logging.info("Fresh init for %d params absent from %s: %s", len(missing), directory, missing)
+  return convert.unflatten({p: np.asarray(v, target[p].dtype) for p, v in stored.items()})
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Pre-train with `config` in `workdir` (resuming if it holds checkpoints); evaluate at the end.
+
+  Returns the final evaluation metrics (empty if no evaluation is configured or the run stopped
+  early because of `config.train.max_steps_per_run`).
+  """
+  from x2vlm_jax import checkpoint, metrics as metrics_lib, sharding as sharding_lib
+  from x2vlm_jax.evaluate import pretrain_eval
+
+  tcfg = config.train
+  trainer = Trainer.create(config)
+  is_chief = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, is_chief=is_chief)
+  writer.write_hparams(config.to_dict())
+  logging.info("Model: %s parameters", f"{x2vlm.count_params(trainer.abstract_state['params']):,}")
+  logging.info("%s", sharding_lib.describe_memory(trainer.abstract_state["params"],
+                                                  trainer.abstract_state["opt_state"],
+                                                  trainer.mesh))
+  iterators = make_data_iterators(config, trainer.kinds)
+  checkpointer = checkpoint.Checkpointer(
+      f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, every_steps=tcfg.checkpoint_every_steps,
+      async_save=tcfg.async_checkpoints)
+  state = restore_or_init(trainer, checkpointer, iterators, config)
+  start = int(jax.device_get(state["step"]))
+  examples_per_step = sum(
+      {"image_text": config.data.image_text.batch_size,
+       "regions": config.data.regions.batch_size}[k] for k in trainer.kinds) * jax.process_count()
+  reporter = metrics_lib.ProgressReporter(tcfg.total_steps, examples_per_step,
+                                          tcfg.log_every_steps, start_step=start)
+  budget = BadRecordBudget(config.data.max_bad_fraction, config.data.min_records_before_abort)
+  base_rng = jax.random.PRNGKey(tcfg.seed)
+  step = start
+  while step < tcfg.total_steps:
+    local = {kind: next(it) for kind, it in iterators.items()}
+    budget.add(local)
+    state, step_metrics = trainer.train_step(state, trainer.global_batches(local),
+                                             jax.random.fold_in(base_rng, step))
+    step += 1
+    if step % tcfg.log_every_steps == 0 or step == tcfg.total_steps:
+      scalars = _scalars(step_metrics)
+      scalars.update({"data/bad_records": budget.bad, "data/records": budget.seen,
+                      "skipped_updates": int(jax.device_get(state["skipped"]))})
+      writer.write_scalars(step, scalars)
+      reporter(step, scalars)
+    with reporter.paused():
+      checkpointer.save(step, state, iterators, force=step == tcfg.total_steps)
+    if tcfg.max_steps_per_run and step - start >= tcfg.max_steps_per_run and step < tcfg.total_steps:
+      logging.info("Stopping after %d steps in this run (config.train.max_steps_per_run)",
+                   step - start)
+      checkpointer.save(step, state, iterators, force=True)
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
+      return {}
+  checkpointer.wait()
+  checkpointer.close()
+  results = pretrain_eval.run(config, trainer.model, state["params"])
+  if results:
+    writer.write_scalars(step, results)
+  writer.close()
+  return results

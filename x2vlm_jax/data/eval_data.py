@@ -1,0 +1,179 @@
+"""Deterministic evaluation data (test transform: bicubic resize to R x R + CLIP normalisation).
+
+Retrieval records (JSONL): {"image": path, "caption": str | [str, ...]}
+  load_retrieval_eval(...) -> dict(
+      images [N, R, R, 3] f32, text_ids [T, L] i32, text_atts [T, L] i32,
+      txt2img [T] i32 (image of each text), img2txt: list of N lists of text indices)
+Grounding records (JSONL): {"image": path, "text": str, "bbox": [x, y, w, h] original pixels}
+  load_grounding_eval(...) -> dict(
+      images [N, R, R, 3] f32, text_ids [N, L] i32, text_atts [N, L] i32,
+      bbox_xywh [N, 4] f32 (original pixels), image_size [N, 2] i32 ((W, H) of the original image))
+
+Text: pre_caption(text, max_words) -> [CLS] WordPiece [SEP] truncated to L = max_tokens, padded.
+Any unusable record raises BadDataError naming file:line (evaluation data must be complete).
+`iter_eval_images` streams images in batches for evaluation sets too large for memory.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from x2vlm_jax.data import image_ops
+from x2vlm_jax.data import records
+from x2vlm_jax.data import text as text_lib
+
+BadDataError = records.BadDataError
+
+
+def _read_records(jsonl: str) -> list[tuple[str, dict]]:
+  src = records.JsonlSource([jsonl])
+  out = []
+  for i in range(len(src)):
+    raw = src[i]
+    try:
+      out.append((raw.where, records.parse_record(raw)))
+    except records.BadRecordError as e:
+      raise BadDataError(f"{raw.where}: {e}") from e
+  return out
+
+
+def _as_tokenizer(tokenizer) -> text_lib.Tokenizer:
+  return text_lib.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+
+
+def _image_path(rec: dict, where: str, image_root: str) -> str:
+  value = rec.get("image")
+  if not isinstance(value, str) or not value:
+    raise BadDataError(f"{where}: record has no 'image' path")
+  return value if os.path.isabs(value) or not image_root else os.path.join(image_root, value)
+
+
+def _load_test_image(path: str, image_res: int, exif_transpose: bool):
+  img = image_ops.decode_image(path, exif_transpose=exif_transpose)
+  size = img.size
+  return image_ops.normalize(image_ops.resize_square(img, image_res)), size
+
+
+def load_eval_images(
+    paths: Sequence[str],
+    image_res: int,
+    *,
+    where: Sequence[str] | None = None,
+    exif_transpose: bool = True,
+    num_threads: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Test-transformed images [N, R, R, 3] f32 and their original sizes [N, 2] (W, H) i32."""
+  where = list(where) if where is not None else list(paths)
+  images = np.zeros((len(paths), image_res, image_res, 3), np.float32)
+  sizes = np.zeros((len(paths), 2), np.int32)
+
+  def load(k):
+    try:
+      images[k], sizes[k] = _load_test_image(paths[k], image_res, exif_transpose)
+    except image_ops.ImageDecodeError as e:
+      raise BadDataError(f"{where[k]}: {e}") from e
+
+  with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:
+    list(pool.map(load, range(len(paths))))
+  return images, sizes
+
+
+def iter_eval_images(
+    paths: Sequence[str], image_res: int, batch_size: int, *, exif_transpose: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (images [b, R, R, 3] f32, valid [b] bool) batches of exactly batch_size (last padded)."""
+  for start in range(0, len(paths), batch_size):
+    chunk = list(paths[start:start + batch_size])
+    images, _ = load_eval_images(chunk, image_res, exif_transpose=exif_transpose)
+    valid = np.zeros((batch_size,), bool)
+    valid[: len(chunk)] = True
+    if len(chunk) < batch_size:
+      images = np.concatenate(
+          [images, np.zeros((batch_size - len(chunk),) + images.shape[1:], np.float32)])
+    yield images, valid
+
+
+def _encode_texts(texts: Sequence[str], where: Sequence[str], tokenizer: text_lib.Tokenizer,
+                  max_tokens: int, max_words: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((len(texts), max_tokens), tokenizer.pad_id, np.int32)
+  atts = np.zeros((len(texts), max_tokens), np.int32)
+  cleaned = []
+  for t, w in zip(texts, where):
+    try:
+      cleaned.append(text_lib.pre_caption(t, max_words))
+    except text_lib.EmptyCaptionError as e:
+      raise BadDataError(f"{w}: {e}") from e
+  for k, toks in enumerate(tokenizer.encode_batch(cleaned)):
+    full = text_lib.add_specials(toks, tokenizer, max_tokens)
+    ids[k, : len(full)] = full
+    atts[k, : len(full)] = 1
+  return ids, atts
+
+
+def load_retrieval_eval(
+    jsonl: str,
+    image_root: str,
+    image_res: int,
+    tokenizer: text_lib.Tokenizer | str,
+    max_tokens: int,
+    *,
+    max_words: int | None = None,
+    exif_transpose: bool = True,
+) -> dict:
+  """In-memory retrieval evaluation set (see the module docstring)."""
+  tokenizer = _as_tokenizer(tokenizer)
+  max_words = max_tokens if max_words is None else max_words
+  recs = _read_records(jsonl)
+  texts, text_where, txt2img, img2txt, paths = [], [], [], [], []
+  for n, (where, rec) in enumerate(recs):
+    paths.append(_image_path(rec, where, image_root))
+    caps = rec.get("caption")
+    caps = [caps] if isinstance(caps, str) else caps
+    if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+      raise BadDataError(f"{where}: 'caption' must be a string or a non-empty list of strings")
+    img2txt.append([])
+    for c in caps:
+      img2txt[-1].append(len(texts))
+      texts.append(c)
+      text_where.append(where)
+      txt2img.append(n)
+  text_ids, text_atts = _encode_texts(texts, text_where, tokenizer, max_tokens, max_words)
+  images, _ = load_eval_images(paths, image_res, where=[w for w, _ in recs],
+                               exif_transpose=exif_transpose)
+  return dict(images=images, text_ids=text_ids, text_atts=text_atts,
+              txt2img=np.asarray(txt2img, np.int32), img2txt=img2txt)
+
+
+def load_grounding_eval(
+    jsonl: str,
+    image_root: str,
+    image_res: int,
+    tokenizer: text_lib.Tokenizer | str,
+    max_tokens: int,
+    *,
+    max_words: int | None = None,
+    exif_transpose: bool = True,
+) -> dict:
+  """In-memory grounding (referring-expression box) evaluation set (see the module docstring)."""
+  tokenizer = _as_tokenizer(tokenizer)
+  max_words = max_tokens if max_words is None else max_words
+  recs = _read_records(jsonl)
+  paths, texts, boxes = [], [], []
+  for where, rec in recs:
+    paths.append(_image_path(rec, where, image_root))
+    text = rec.get("text")
+    if not isinstance(text, str):
+      raise BadDataError(f"{where}: 'text' must be a string")
+    texts.append(text)
+    box = rec.get("bbox")
+    if not isinstance(box, list) or len(box) != 4:
+      raise BadDataError(f"{where}: 'bbox' must be [x, y, w, h], got {box!r}")
+    boxes.append([float(v) for v in box])
+  where = [w for w, _ in recs]
+  text_ids, text_atts = _encode_texts(texts, where, tokenizer, max_tokens, max_words)
+  images, sizes = load_eval_images(paths, image_res, where=where, exif_transpose=exif_transpose)
+  return dict(images=images, text_ids=text_ids, text_atts=text_atts,
+              bbox_xywh=np.asarray(boxes, np.float32).reshape(-1, 4), image_size=sizes)
