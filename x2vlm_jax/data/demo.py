@@ -1,0 +1,233 @@
+"""Synthetic multi-grained demo dataset ("shapes"), written in the pipeline's own formats.
+
+Each scene is a PIL-drawn image (plain or lightly noisy grey background) with two non-overlapping
+shapes; shape in {circle, square, triangle}, colour in {red, green, blue, yellow, white, black},
+size in {small, large}. Files under `out_dir`:
+
+  images/{train,val}_NNNNNN.png
+  train_image_text.jsonl  {"image": "images/train_000000.png",
+                           "caption": ["a red circle left of a blue square", ...]}
+  train_regions.jsonl     {"image": ..., "caption": [scene captions],
+                           "elems": [{"bbox": [x, y, w, h], "caption": ["circle", "circle on the left"],
+                                      "attributes": ["red", "small red"]}, ...]}
+  val_retrieval.jsonl     {"image": ..., "caption": [scene captions]}
+  val_grounding.jsonl     {"image": ..., "text": "the small red circle", "bbox": [x, y, w, h]}
+                          (one per shape)
+  vocab.txt               BERT-format WordPiece vocab: [PAD] [UNK] [CLS] [SEP] [MASK], every word
+                          the generator emits, a-z / 0-9 and their "##" pieces, punctuation
+  README.txt              this description (written last: its presence marks a complete dataset)
+
+Relations: "left of" / "right of" when the horizontal centre distance dominates, else "above" /
+"below". Validation scenes each contain at least one HELD_OUT colour-shape combination, which never
+appears in training scenes (compositional generalisation). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 40),
+    "white": (248, 248, 248),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (0.16, 0.22), "large": (0.28, 0.36)}  # side as a fraction of the image size
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+
+_EXTRA_WORDS = ("a an the of on at in and with to is are there two shapes shape image picture "
+                "left right above below top bottom small large").split()
+
+README = """Synthetic "shapes" demo dataset for x2vlm_jax (made by x2vlm_jax.data.demo.make_demo_data).
+
+seed={seed} image_size={image_size} train scenes={num_train} val scenes={num_val}
+
+Every image holds two non-overlapping shapes (circle / square / triangle) in one of six colours
+(red, green, blue, yellow, white, black) and two sizes (small, large) on a plain or lightly noisy
+grey background.
+
+train_image_text.jsonl  image-text pairs: {{"image", "caption": [3 scene captions]}}
+train_regions.jsonl     region records: {{"image", "caption", "elems": [{{"bbox": [x, y, w, h] pixels,
+                        "caption": [object, object + position], "attributes": [colour, size + colour]}}]}}
+val_retrieval.jsonl     retrieval test format: {{"image", "caption": [captions]}}
+val_grounding.jsonl     grounding test format: {{"image", "text", "bbox"}} (one per shape)
+vocab.txt               BERT WordPiece vocabulary covering every generated word
+images/                 PNG files (paths in the JSONL files are relative to this directory)
+
+Held-out colour-shape combinations (in validation scenes only, never in training scenes):
+{held_out}
+"""
+
+
+def _vocab() -> list[str]:
+  words = set(_EXTRA_WORDS) | set(COLOURS) | set(SHAPES) | set(SIZES)
+  chars = list(string.ascii_lowercase + string.digits)
+  punct = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+  return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words - set(chars)) + chars
+          + ["##" + c for c in chars] + punct)
+
+
+def _place(rng: np.random.Generator, size: int, sides: list[int], tries: int = 200):
+  """Top-left corners of squares of the given sides, non-overlapping with a 2-pixel gap."""
+  margin = max(1, size // 32)
+  for _ in range(tries):
+    boxes = []
+    for s in sides:
+      x = int(rng.integers(margin, size - s - margin + 1))
+      y = int(rng.integers(margin, size - s - margin + 1))
+      boxes.append((x, y, s))
+    (x1, y1, s1), (x2, y2, s2) = boxes
+    if x1 + s1 + 2 <= x2 or x2 + s2 + 2 <= x1 or y1 + s1 + 2 <= y2 or y2 + s2 + 2 <= y1:
+      return boxes
+  return None
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, colour, x: int, y: int, s: int) -> None:
+  if shape == "circle":
+    draw.ellipse([x, y, x + s - 1, y + s - 1], fill=colour)
+  elif shape == "square":
+    draw.rectangle([x, y, x + s - 1, y + s - 1], fill=colour)
+  else:
+    draw.polygon([(x, y + s - 1), (x + s - 1, y + s - 1), (x + (s - 1) / 2, y)], fill=colour)
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+  base = rng.integers(95, 165) + rng.integers(-12, 13, size=3)
+  if rng.random() < 0.5:
+    arr = np.broadcast_to(base, (size, size, 3))
+  else:
+    arr = base + rng.normal(0.0, 8.0, size=(size, size, 3))
+  return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _combos(held_out: bool) -> list[tuple[str, str]]:
+  return [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in HELD_OUT) == held_out]
+
+
+def _scene(rng: np.random.Generator, image_size: int, val: bool):
+  """Draws one scene; returns (image, objects: list of dicts)."""
+  allowed = _combos(False)
+  if val:
+    first = _combos(True)[int(rng.integers(0, len(HELD_OUT)))]
+    pool = [c for c in allowed + _combos(True) if c != first]
+  else:
+    first = allowed[int(rng.integers(0, len(allowed)))]
+    pool = [c for c in allowed if c != first]
+  second = pool[int(rng.integers(0, len(pool)))]
+  while True:
+    size_names = [list(SIZES)[int(rng.integers(0, 2))] for _ in range(2)]
+    sides = [max(4, int(round(image_size * rng.uniform(*SIZES[n])))) for n in size_names]
+    boxes = _place(rng, image_size, sides)
+    if boxes is not None:
+      break
+  img = _background(rng, image_size)
+  draw = ImageDraw.Draw(img)
+  objects = []
+  for (colour, shape), size_name, (x, y, s) in zip((first, second), size_names, boxes):
+    _draw(draw, shape, COLOURS[colour], x, y, s)
+    objects.append(dict(colour=colour, shape=shape, size=size_name, bbox=[x, y, s, s]))
+  return img, objects
+
+
+def _relation(a: dict, b: dict) -> tuple[str, str]:
+  """Relation of a to b and its inverse."""
+  ax, ay = a["bbox"][0] + a["bbox"][2] / 2, a["bbox"][1] + a["bbox"][3] / 2
+  bx, by = b["bbox"][0] + b["bbox"][2] / 2, b["bbox"][1] + b["bbox"][3] / 2
+  if abs(bx - ax) >= abs(by - ay):
+    return ("left of", "right of") if ax < bx else ("right of", "left of")
+  return ("above", "below") if ay < by else ("below", "above")
+
+
+def _captions(objects: list[dict]) -> list[str]:
+  a, b = objects
+  rel, inv = _relation(a, b)
+  return [
+      f"a {a['colour']} {a['shape']} {rel} a {b['colour']} {b['shape']}",
+      f"a {a['size']} {a['colour']} {a['shape']} {rel} a {b['size']} {b['colour']} {b['shape']}",
+      f"a {b['colour']} {b['shape']} {inv} a {a['colour']} {a['shape']}",
+  ]
+
+
+def _elems(objects: list[dict]) -> list[dict]:
+  out = []
+  for k, obj in enumerate(objects):
+    rel, _ = _relation(obj, objects[1 - k])
+    where = {"left of": "on the left", "right of": "on the right",
+             "above": "at the top", "below": "at the bottom"}[rel]
+    out.append(dict(bbox=obj["bbox"], caption=[obj["shape"], f"{obj['shape']} {where}"],
+                    attributes=[obj["colour"], f"{obj['size']} {obj['colour']}"]))
+  return out
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def demo_paths(out_dir: str) -> dict[str, str]:
+  names = dict(train_image_text="train_image_text.jsonl",
+               train_regions="train_regions.jsonl", val_retrieval="val_retrieval.jsonl",
+               val_grounding="val_grounding.jsonl", vocab="vocab.txt", readme="README.txt")
+  paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
+  paths["image_root"] = out_dir
+  return paths
+
+
+def make_demo_data(
+    out_dir: str,
+    num_train: int = 2000,
+    num_val: int = 100,
+    image_size: int = 96,
+    seed: int = 0,
+) -> dict[str, str]:
+  """Writes the demo dataset (module docstring) and returns its paths (keys of `demo_paths`)."""
+  if image_size < 32:
+    raise ValueError(f"image_size must be >= 32, got {image_size}")
+  paths = demo_paths(out_dir)
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  if os.path.exists(paths["readme"]):
+    os.remove(paths["readme"])  # not complete until rewritten
+  rng_train, rng_val = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+  image_text, regions, retrieval, grounding = [], [], [], []
+  for split, n, rng in (("train", num_train, rng_train), ("val", num_val, rng_val)):
+    for i in range(n):
+      img, objects = _scene(rng, image_size, val=(split == "val"))
+      rel_path = f"images/{split}_{i:06d}.png"
+      img.save(os.path.join(out_dir, rel_path), compress_level=1)
+      captions = _captions(objects)
+      if split == "train":
+        image_text.append({"image": rel_path, "caption": captions})
+        regions.append({"image": rel_path, "caption": captions[:2], "elems": _elems(objects)})
+      else:
+        retrieval.append({"image": rel_path, "caption": captions})
+        for obj in objects:
+          grounding.append({"image": rel_path,
+                            "text": f"the {obj['size']} {obj['colour']} {obj['shape']}",
+                            "bbox": obj["bbox"]})
+  _write_jsonl(paths["train_image_text"], image_text)
+  _write_jsonl(paths["train_regions"], regions)
+  _write_jsonl(paths["val_retrieval"], retrieval)
+  _write_jsonl(paths["val_grounding"], grounding)
+  with open(paths["vocab"], "w", encoding="utf-8") as f:
+    f.write("\n".join(_vocab()) + "\n")
+  held_out = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
+  with open(paths["readme"], "w", encoding="utf-8") as f:
+    f.write(README.format(seed=seed, image_size=image_size, num_train=num_train, num_val=num_val,
+                          held_out=held_out))
+  return paths
+
+
+def ensure_demo_data(out_dir: str, **kwargs) -> dict[str, str]:
+  """Generates the demo dataset unless a complete one (README.txt present) is already there."""
+  paths = demo_paths(out_dir)
+  if not os.path.exists(paths["readme"]):
+    return make_demo_data(out_dir, **kwargs)
+  return paths
