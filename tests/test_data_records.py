@@ -118,3 +118,17 @@ def test_base64_image_record(tmp_path):
     examples_lib.load_record_image({"binary": "not base64!!"}, "image", "")
   with pytest.raises(records.BadRecordError, match="no image"):
     examples_lib.load_record_image({"caption": "x"}, "image", "")
+
+
+def test_validate_data_tool_reports_bad_lines(tmp_path):
+  Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "ok.png")
+  path = tmp_path / "d.jsonl"
+  path.write_text(json.dumps({"image": "ok.png", "caption": "a dog"}) + "\n"
+                  + json.dumps({"image": "gone.png", "caption": "a dog"}) + "\n{oops\n")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "validate_data.py"), "--kind", "image_text",
+       "--files", str(path), "--image_root", str(tmp_path), "--vocab", FIXTURE_VOCAB,
+       "--image_res", "32"], capture_output=True, text=True)
+  assert proc.returncode == 1, proc.stderr
+  assert "3 records checked, 2 bad" in proc.stdout
+  assert f"{path}:2: image file not found" in proc.stdout and f"{path}:3: malformed JSON" in proc.stdout

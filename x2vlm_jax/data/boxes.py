@@ -4,7 +4,7 @@
   visible_fraction(box, ...)   -> clipped area / area
   crop_box / flip_box / scale_box  follow a crop, a horizontal flip and a resize
   box_target(box, R)           -> [cx, cy, w, h] / R, float32 [4] (the bbox-head target)
-  box_patch_mask(box, R, p)    -> image_atts [1 + (R/p)^2] int32 (REFERENCE §1 "Patch mask of a box")
+  box_patch_mask(box, R, p)    -> image_atts [1 + (R/p)^2] int32 (REFERENCE §1 "Patch mask")
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def is_valid_box(box: Sequence[float]) -> bool:
   return all(math.isfinite(v) for v in vals) and vals[2] > 0 and vals[3] > 0
 
 
-def clip_box(box: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
+def clip_box(box: Sequence[float], width: float,
+             height: float) -> tuple[float, float, float, float]:
   x, y, w, h = (float(v) for v in box)
   x0, y0 = max(x, 0.0), max(y, 0.0)
   x1, y1 = min(x + w, float(width)), min(y + h, float(height))

@@ -43,12 +43,13 @@ def _regions() -> ml_collections.ConfigDict:
           image_root="",
           image_key="image",
           caption_key="caption",
-          max_images=4,  # N_img: images per region batch (static; the reference calls it max_images).
+          max_images=4,  # N_img: images per region batch (static).
           batch_size=8,  # Rb: region-text pairs per batch (static).
           max_regions=5,  # pairs per image, including the whole-image caption pair.
           min_perc_in_image=0.5,  # keep a region if clipped_area / area > this.
           hflip_prob=0.5,
-          randaug=True,  # colour-only RandAugment (Identity, AutoContrast, Equalize, Brightness, Sharpness).
+          # Colour-only RandAugment (Identity, AutoContrast, Equalize, Brightness, Sharpness).
+          randaug=True,
       ))
 
 

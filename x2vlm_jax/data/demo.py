@@ -8,7 +8,8 @@ size in {small, large}. Files under `out_dir`:
   train_image_text.jsonl  {"image": "images/train_000000.png",
                            "caption": ["a red circle left of a blue square", ...]}
   train_regions.jsonl     {"image": ..., "caption": [scene captions],
-                           "elems": [{"bbox": [x, y, w, h], "caption": ["circle", "circle on the left"],
+                           "elems": [{"bbox": [x, y, w, h],
+                                      "caption": ["circle", "circle on the left"],
                                       "attributes": ["red", "small red"]}, ...]}
   val_retrieval.jsonl     {"image": ..., "caption": [scene captions]}
   val_grounding.jsonl     {"image": ..., "text": "the small red circle", "bbox": [x, y, w, h]}
@@ -45,7 +46,7 @@ HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 _EXTRA_WORDS = ("a an the of on at in and with to is are there two shapes shape image picture "
                 "left right above below top bottom small large").split()
 
-README = """Synthetic "shapes" demo dataset for x2vlm_jax (made by x2vlm_jax.data.demo.make_demo_data).
+README = """Synthetic "shapes" demo dataset for x2vlm_jax (x2vlm_jax.data.demo.make_demo_data).
 
 seed={seed} image_size={image_size} train scenes={num_train} val scenes={num_val}
 
@@ -54,8 +55,9 @@ Every image holds two non-overlapping shapes (circle / square / triangle) in one
 grey background.
 
 train_image_text.jsonl  image-text pairs: {{"image", "caption": [3 scene captions]}}
-train_regions.jsonl     region records: {{"image", "caption", "elems": [{{"bbox": [x, y, w, h] pixels,
-                        "caption": [object, object + position], "attributes": [colour, size + colour]}}]}}
+train_regions.jsonl     region records: {{"image", "caption", "elems": [{{"bbox": [x, y, w, h]
+                        pixels, "caption": [object, object + position],
+                        "attributes": [colour, size + colour]}}]}}
 val_retrieval.jsonl     retrieval test format: {{"image", "caption": [captions]}}
 val_grounding.jsonl     grounding test format: {{"image", "text", "bbox"}} (one per shape)
 vocab.txt               BERT WordPiece vocabulary covering every generated word

@@ -41,7 +41,9 @@ def _read_records(jsonl: str) -> list[tuple[str, dict]]:
 
 
 def _as_tokenizer(tokenizer) -> text_lib.Tokenizer:
-  return text_lib.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+  if isinstance(tokenizer, (str, os.PathLike)):
+    return text_lib.load_tokenizer(tokenizer)
+  return tokenizer
 
 
 def _image_path(rec: dict, where: str, image_root: str) -> str:
@@ -84,7 +86,7 @@ def load_eval_images(
 def iter_eval_images(
     paths: Sequence[str], image_res: int, batch_size: int, *, exif_transpose: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (images [b, R, R, 3] f32, valid [b] bool) batches of exactly batch_size (last padded)."""
+  """Yields (images [b, R, R, 3] f32, valid [b] bool), b = batch_size (last batch padded)."""
   for start in range(0, len(paths), batch_size):
     chunk = list(paths[start:start + batch_size])
     images, _ = load_eval_images(chunk, image_res, exif_transpose=exif_transpose)

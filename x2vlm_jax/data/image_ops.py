@@ -2,7 +2,7 @@
 
   decode_image(path | bytes)          -> PIL RGB image (EXIF transpose, mode conversion, size guard)
   random_resized_crop_params(...)     -> torchvision RandomResizedCrop window (i, j, h, w)
-  region_crop_params(...)             -> crop window (x0, y0, x1, y1) containing a box (§3.3 step 2)
+  region_crop_params(...)             -> crop (x0, y0, x1, y1) containing a box (§3.3 step 2)
   resize_square(img, R, box=None)     -> R x R bicubic (aspect not kept), optional crop box
   hflip(img)                          -> mirrored image
   rand_augment(img, rng, ...)         -> RandAugment(N, M) (colour-only or with geometric ops)

@@ -39,7 +39,8 @@ import numpy as np
 from x2vlm_jax.data import examples as examples_lib
 from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.data.eval_data import load_grounding_eval, load_retrieval_eval  # noqa: F401  (re-export)
+# Re-exported: the evaluation loaders live in eval_data.py.
+from x2vlm_jax.data.eval_data import load_grounding_eval, load_retrieval_eval  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

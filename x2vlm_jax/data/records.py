@@ -295,7 +295,8 @@ def make_source(files: Sequence[str], tfds_data_dir: str = "") -> Any:
 
 def write_array_record(records: Sequence[bytes], path: str) -> None:
   """Writes byte records to one ArrayRecord file (group_size 1: cheap random access)."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter
 
   writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
   try:

@@ -3,7 +3,7 @@
 Shapes (L = max_tokens, M = max_masks), all int32:
   text_ids [L]          [CLS] tokens [SEP], padded with [PAD]
   text_atts [L]         1 on real tokens, 0 on padding
-  text_ids_masked [L]   text_ids with the masked positions replaced (80% [MASK] / 10% random / 10% kept)
+  text_ids_masked [L]   masked positions replaced (80% [MASK] / 10% random id / 10% kept)
   masked_pos [M]        masked positions (padded with 0)
   masked_ids [M]        original ids at masked_pos (padded with -100, the loss's ignore index)
 
@@ -84,7 +84,8 @@ class Tokenizer:
     with open(self.vocab_path, encoding="utf-8") as f:
       self._id_to_token = [line.rstrip("\n").rstrip("\r") for line in f]
     self._token_to_id = {t: i for i, t in enumerate(self._id_to_token)}
-    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in self._token_to_id]
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    missing = [t for t in specials if t not in self._token_to_id]
     if missing:
       raise ValueError(f"vocab {self.vocab_path} lacks special tokens {missing}")
     self._tok = BertWordPieceTokenizer(self.vocab_path, lowercase=True)

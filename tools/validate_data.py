@@ -1,0 +1,69 @@
+"""Checks every record of a training set once and reports the bad ones (file:line and reason).
+
+  python tools/validate_data.py --kind image_text --files 'data/cc3m/*.jsonl' \
+      --image_root data/cc3m --vocab vocab.txt [--image_res 224 --patch_size 16 --max_bad_fraction 0]
+
+Runs exactly the training-time record processing (decode, crop, boxes, pre_caption, tokenisation)
+with a fixed seed per record. Exit status 1 when bad / total exceeds --max_bad_fraction.
+"""
+import argparse
+import collections
+import concurrent.futures
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from x2vlm_jax.data import config as data_config_lib  # noqa: E402
+from x2vlm_jax.data import examples as examples_lib  # noqa: E402
+from x2vlm_jax.data import records  # noqa: E402
+from x2vlm_jax.data import text as text_lib  # noqa: E402
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--kind", choices=("image_text", "regions"), required=True)
+  parser.add_argument("--files", nargs="+", required=True, help="JSONL / ArrayRecord (globs ok)")
+  parser.add_argument("--image_root", default="")
+  parser.add_argument("--vocab", required=True)
+  parser.add_argument("--image_res", type=int, default=224)
+  parser.add_argument("--patch_size", type=int, default=16)
+  parser.add_argument("--max_records", type=int, default=0, help="0 = all")
+  parser.add_argument("--max_bad_fraction", type=float, default=0.0)
+  parser.add_argument("--threads", type=int, default=4)
+  parser.add_argument("--show", type=int, default=20, help="bad records to list")
+  args = parser.parse_args(argv)
+  logging.getLogger("x2vlm_jax.data.examples").setLevel(logging.ERROR)  # we print our own report
+
+  cfg = data_config_lib.data_config()
+  cfg.vocab_path = args.vocab
+  sub = cfg[args.kind]
+  sub.files = list(args.files)
+  sub.image_root = args.image_root
+  encoder = text_lib.TextEncoder.from_config(cfg)
+  cls = {"image_text": examples_lib.ImageTextProcessor,
+         "regions": examples_lib.RegionProcessor}[args.kind]
+  processor = cls(cfg, args.image_res, args.patch_size, encoder)
+  source = records.make_source(list(args.files))
+  n = len(source) if args.max_records <= 0 else min(args.max_records, len(source))
+
+  def check(i):
+    out = processor(source[i], np.random.default_rng(i))
+    return out if examples_lib.is_bad(out) else None
+
+  with concurrent.futures.ThreadPoolExecutor(max(args.threads, 1)) as pool:
+    bad = [b for b in pool.map(check, range(n)) if b is not None]
+  reasons = collections.Counter(b.reason.split(":")[0].split("(")[0].strip()[:60] for b in bad)
+  print(f"{args.kind}: {n} records checked, {len(bad)} bad ({len(bad) / max(n, 1):.2%})")
+  for reason, count in reasons.most_common():
+    print(f"  {count:8d}  {reason}")
+  for b in bad[: args.show]:
+    print(f"  {b.where}: {b.reason}")
+  return 1 if len(bad) > args.max_bad_fraction * n else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
