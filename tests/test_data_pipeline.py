@@ -266,3 +266,16 @@ def test_grounding_eval(demo_dir, tmp_path):
   bad.write_text(json.dumps({"image": "missing.png", "text": "a", "bbox": [0, 0, 1, 1]}) + "\n")
   with pytest.raises(pipeline.BadDataError, match=f"{bad}:1"):
     pipeline.load_grounding_eval(str(bad), str(tmp_path), R, demo_dir["vocab"], 16)
+
+
+def test_iter_eval_images_pads_the_last_batch(demo_dir):
+  from x2vlm_jax.data import eval_data
+
+  recs = [json.loads(l) for l in open(demo_dir["val_retrieval"])]
+  paths = [f"{demo_dir['image_root']}/{r['image']}" for r in recs]
+  full, _ = eval_data.load_eval_images(paths, R)
+  batches = list(eval_data.iter_eval_images(paths, R, batch_size=3))
+  assert [b[0].shape for b in batches] == [(3, R, R, 3), (3, R, R, 3)]
+  np.testing.assert_array_equal(batches[1][1], [True, False, False])
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:4], full)
+  assert (batches[1][0][1:] == 0).all()
