@@ -16,7 +16,6 @@ from x2vlm_jax.models import x2vlm
 
 def train_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      mode="pretrain",  # pretrain | eval
       total_steps=1000,  # optimizer steps
       seed=0,
       log_every_steps=50,
@@ -55,6 +54,16 @@ def eval_config() -> ml_collections.ConfigDict:
   ))
 
 
+def demo_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      data_dir="",  # non-empty: main.py writes the synthetic demo dataset here if it is missing
+      num_train=2000,
+      num_val=100,
+      image_size=96,
+      seed=0,
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = x2vlm.model_config()
@@ -66,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = train_config()
   config.init = init_config()
   config.eval = eval_config()
+  config.demo = demo_config()
   return config
 
 

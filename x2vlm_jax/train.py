@@ -197,6 +197,16 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
 
+def check_vocab(config) -> None:
+  """The tokenizer's vocabulary must fit the model's embedding table (fails before compiling)."""
+  from x2vlm_jax.data import text as text_lib
+
+  vocab = text_lib.load_tokenizer(config.data.vocab_path).vocab_size
+  if vocab > config.model.vocab_size:
+    raise ValueError(f"{config.data.vocab_path} has {vocab} tokens but config.model.vocab_size "
+                     f"is {config.model.vocab_size}")
+
+
 def restore_or_init(trainer: Trainer, checkpointer, iterators, config) -> State:
   """Resume from the latest checkpoint in the workdir, else start from `config.init.checkpoint`
   (an Orbax params directory, e.g. from tools/convert_checkpoint.py), else from scratch."""
@@ -256,6 +266,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logging.info("%s", sharding_lib.describe_memory(trainer.abstract_state["params"],
                                                   trainer.abstract_state["opt_state"],
                                                   trainer.mesh))
+  check_vocab(config)
   iterators = make_data_iterators(config, trainer.kinds)
   checkpointer = checkpoint.Checkpointer(
       f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, every_steps=tcfg.checkpoint_every_steps,

@@ -1,0 +1,74 @@
+"""The demo that learns on a CPU: a small X2-VLM trained from scratch on synthetic "shapes" scenes.
+
+  python main.py --config configs/demo.py --workdir runs/demo
+
+writes the dataset to `demo_data/` if it is missing (x2vlm_jax/data/demo.py), pre-trains with
+image-text + region batches (ITC, ITM, MLM, box L1 + GIoU) and ends with a zero-shot evaluation on
+the 100 validation scenes: image->text / text->image R@1 (chance 1%) and grounding Acc@IoU>=0.5,
+written to runs/demo/metrics.jsonl. `:quick` shrinks it to a smoke run (used by the tests).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  """arg: comma-separated `quick` (a smoke run) and/or `data_dir=PATH` (default demo_data)."""
+  options = dict(item.partition("=")[::2] for item in (arg or "").split(",") if item)
+  unknown = set(options) - {"quick", "data_dir"}
+  if unknown:
+    raise ValueError(f"configs/demo.py: unknown arg {sorted(unknown)}; use quick, data_dir=PATH")
+  quick = "quick" in options
+  data_dir = options.get("data_dir") or "demo_data"
+  config = common.base_config()
+  config.demo.data_dir = data_dir
+  config.demo.num_train = 120 if quick else 2000
+  config.demo.num_val = 12 if quick else 100
+  config.demo.image_size = 96
+
+  m = config.model
+  m.image_res, m.patch_size = 96, 16
+  m.vision_width, m.vision_depth, m.vision_heads, m.vision_mlp_dim = 128, 3, 4, 512
+  m.text_width, m.text_heads, m.text_mlp_dim = 128, 4, 512
+  m.text_layers, m.fusion_layers = 2, 2
+  m.vocab_size, m.max_position = 160, 32  # demo vocab.txt has < 160 tokens (checked at start)
+  m.embed_dim = 64
+  m.drop_path_rate, m.hidden_dropout, m.attention_dropout = 0.0, 0.0, 0.0
+  if quick:
+    m.vision_width, m.vision_depth, m.vision_mlp_dim = 32, 1, 64
+    m.text_width, m.text_mlp_dim, m.text_layers, m.fusion_layers = 32, 64, 1, 1
+    m.embed_dim = 16
+
+  d = config.data
+  d.vocab_path = f"{data_dir}/vocab.txt"
+  d.max_tokens = d.max_words = 16
+  d.max_masks = 4
+  d.mask_prob = 0.25
+  d.image_text.files = [f"{data_dir}/train_image_text.jsonl"]
+  d.image_text.image_root = data_dir
+  d.image_text.batch_size = 8 if quick else 32
+  d.image_text.crop_scale_min = 0.8  # the scenes are small: keep most of each image
+  d.image_text.randaug = False
+  d.regions.files = [f"{data_dir}/train_regions.jsonl"]
+  d.regions.image_root = data_dir
+  d.regions.max_images = 8 if quick else 16
+  d.regions.batch_size = 8 if quick else 32
+  d.regions.max_regions = 3
+  d.regions.randaug = False
+  d.read_threads = 2
+
+  t = config.train
+  t.total_steps = 6 if quick else 1200
+  t.log_every_steps = 2 if quick else 50
+  t.checkpoint_every_steps = 3 if quick else 400
+  config.optim.total_steps = t.total_steps
+  config.optim.lr = 1e-3 if quick else 5e-4
+  config.optim.warmup_steps = 0.05
+  config.optim.weight_decay = 0.01
+
+  e = config.eval
+  e.retrieval_file = f"{data_dir}/val_retrieval.jsonl"
+  e.retrieval_image_root = data_dir
+  e.grounding_file = f"{data_dir}/val_grounding.jsonl"
+  e.grounding_image_root = data_dir
+  e.k_test = 8 if quick else 16
+  e.batch_size = 16 if quick else 64
+  return common.apply_arg(config, None)

@@ -1,0 +1,62 @@
+"""x2vlm_jax command line: pre-training and evaluation.
+
+  python main.py --config configs/demo.py --workdir runs/demo
+  python main.py --config configs/x2vlm_base.py --workdir runs/base --config.train.total_steps=1000
+  python main.py --mode eval --config configs/demo.py --workdir runs/demo_eval --checkpoint runs/demo
+
+Config files are ml_collections files (`--config path.py[:arg]`); any field can be overridden with
+`--config.a.b=value`. The config is locked: a misspelt field fails here, before anything compiles.
+Multi-process runs call `jax.distributed.initialize` from --coordinator_address /
+--num_processes / --process_id (or the cluster's environment when those are unset).
+"""
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard.")
+flags.DEFINE_enum("mode", "pretrain", ["pretrain", "eval"], "What to run.")
+flags.DEFINE_string("checkpoint", None, "--mode eval: an Orbax params dir or a training workdir "
+                    "(latest checkpoint); default: --workdir's latest checkpoint.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging.Filter):
+  """Keeps WARNING+ from orbax/grain/jax internals; their INFO chatter drowns the progress lines."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/", "/etils/"))
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def main(argv):
+  del argv
+  from absl import logging as absl_logging
+  import jax
+
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info("JAX process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  config = FLAGS.config
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  from x2vlm_jax import cli
+
+  cli.prepare_demo_data(config)
+  if FLAGS.mode == "pretrain":
+    cli.pretrain(config, FLAGS.workdir)
+  else:
+    cli.evaluate(config, FLAGS.workdir, FLAGS.checkpoint)
+
+
+if __name__ == "__main__":
+  app.run(main)
