@@ -111,8 +111,14 @@ class Checkpointer:
     every_steps: `save` writes only at multiples of it unless forced; async_save: write arrays
     in a background thread (call `wait` / `close` before reading or exiting)."""
     self.directory = os.path.abspath(os.fspath(directory))
+    # The state item's handler is registered up front so that a fresh process (resuming) can read
+    # its metadata before restoring; the data items' handlers come from their args.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
+    registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
     self._manager = ocp.CheckpointManager(
         self.directory,
+        handler_registry=registry,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every_steps,
             enable_async_checkpointing=async_save, create=True))
