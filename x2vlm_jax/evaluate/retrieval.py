@@ -1,0 +1,269 @@
+"""Model-driven image-text retrieval evaluation: ITC similarities + top-k ITM re-ranking.
+
+REFERENCE_DETAILED.md §4.1:
+  1. every image -> ViT embeddings [N_img, 1+N, D] and features [N_img, E]; every text -> text
+     encoder embeddings [N_txt, L, H] and features [N_txt, E] (features L2-normalised);
+  2. sims = image_feat @ text_feat.T   [N_img, N_txt]   (no temperature);
+  3. i2t: for each image its top-k_test texts by sims are re-scored with the raw ITM class-1
+     logit of fuse(image, text); everything else is -100. t2i symmetric (rows = texts).
+  4. TR@k / IR@k from the two score matrices (`retrieval_metrics.retrieval_metrics`).
+
+Usage:
+  data = eval_data.load_retrieval_eval(jsonl, image_root, image_res, tokenizer, max_tokens)
+  metrics, scores_i2t, scores_t2i = evaluate_retrieval(model, params, data, k_test=256,
+                                                       batch_size=64)
+
+Execution: images and texts are encoded in fixed-size batches (the last one padded by repeating
+its last row, the padding dropped), so each jitted function compiles once; the embeddings stay
+on device. Pairs are scored by one jitted function that gathers the cached image embeddings,
+text embeddings and text masks by index inside jit (`rerank.rerank_scores` always passes exactly
+`batch_size` pairs). With `mesh`, every batch (of images, texts or pairs) is split over the
+('data', 'fsdp') mesh axes, and `batch_size` must be divisible by their size. Every process
+evaluates all rows (no multi-host row split; see `rerank` for the recipe).
+
+Helpers shared with `grounding.py` (`_put_batch`, `_run_batched`, ...) live here as well.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from x2vlm_jax import sharding as sharding_lib
+from x2vlm_jax.evaluate import rerank
+from x2vlm_jax.evaluate import retrieval_metrics as metrics_lib
+
+Mesh = jax.sharding.Mesh
+
+# Python-side trace counters of the jitted evaluation functions (name -> number of traces). Each
+# jitted body increments its entry while being traced (never when executed), so tests can assert
+# that a function compiled once.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-size batching and device placement (also used by grounding.py).
+
+
+def _check_batch_size(batch_size: int, mesh: Mesh | None) -> None:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if mesh is not None:
+    shards = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
+    if batch_size % shards:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} batch shards of "
+                       f"mesh {dict(mesh.shape)} (axes {sharding_lib.BATCH_AXES})")
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """[n, ...] -> [rows, ...] by repeating the last row (1 <= n <= rows)."""
+  if len(x) == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)], axis=0)
+
+
+def _put_batch(x: Any, mesh: Mesh | None) -> jax.Array:
+  """Host [B, ...] -> device: the default device, or split over the mesh's batch axes (every
+  process passes the same full host array; each device takes its slice)."""
+  x = np.asarray(x)
+  if mesh is None:
+    return jax.device_put(x)
+  return jax.make_array_from_callback(x.shape, sharding_lib.batch_sharding(mesh),
+                                      lambda idx: x[idx])
+
+
+def _place_params(params: Any, mesh: Mesh | None) -> Any:
+  """Puts the params on device once (instead of re-sending host arrays on every call): host
+  leaves -> the default device, or replicated over `mesh`; `jax.Array`s already spread over
+  the mesh's devices (e.g. FSDP-sharded by the trainer) are kept as they are."""
+  if mesh is None:
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
+  repl = sharding_lib.replicated(mesh)
+  mesh_devices = set(mesh.devices.flat)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])
+
+  return jax.tree.map(put, params)
+
+
+def _run_batched(fn: Callable[..., Any], arrays: tuple[Any, ...], batch_size: int,
+                 mesh: Mesh | None) -> Any:
+  """`fn(*device_batches)` over fixed-size batches of the host `arrays` (common leading dim N).
+
+  Returns the outputs (a pytree of device arrays with leading dim N, padding dropped),
+  concatenated on device.
+  """
+  n = len(arrays[0])
+  if n == 0:
+    raise ValueError("nothing to evaluate: empty inputs")
+  outs = []
+  for start in range(0, n, batch_size):
+    stop = min(n, start + batch_size)
+    out = fn(*[_put_batch(_pad_rows(np.asarray(a[start:stop]), batch_size), mesh)
+               for a in arrays])
+    if stop - start < batch_size:
+      out = jax.tree.map(lambda y, m=stop - start: y[:m], out)
+    outs.append(out)
+  if len(outs) == 1:
+    return outs[0]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted model functions.
+
+
+def make_retrieval_fns(model, mesh: Mesh | None = None) -> dict[str, Callable[..., Any]]:
+  """The jitted functions of the retrieval evaluation (`model`: an `X2VLM`, or any module with
+  its `encode_image`, `image_features`, `encode_text`, `text_features`, `fuse`, `itm_logits`).
+
+    encode_images(params, images [B, R, R, 3]) -> (embeds [B, 1+N, D], feat [B, E])
+    encode_texts(params, ids [B, L], atts [B, L]) -> (embeds [B, L, H], feat [B, E])
+    similarities(image_feat [N_img, E], text_feat [N_txt, E]) -> [N_img, N_txt] float32
+    pair_itm(params, image_embeds [N_img, 1+N, D], text_embeds [N_txt, L, H], text_atts
+             [N_txt, L], img_idx [P], txt_idx [P]) -> [P] float32 raw ITM class-1 logits
+  """
+  out_repl = {} if mesh is None else dict(out_shardings=sharding_lib.replicated(mesh))
+
+  def encode_images(params, images):
+    TRACE_COUNTS["encode_images"] += 1
+
+    def f(m, x):
+      embeds = m.encode_image(x)
+      return embeds, m.image_features(embeds)
+
+    return model.apply({"params": params}, images, method=f)
+
+  def encode_texts(params, ids, atts):
+    TRACE_COUNTS["encode_texts"] += 1
+
+    def f(m, i, a):
+      embeds = m.encode_text(i, a)
+      return embeds, m.text_features(embeds)
+
+    return model.apply({"params": params}, ids, atts, method=f)
+
+  def similarities(image_feat, text_feat):
+    TRACE_COUNTS["similarities"] += 1
+    return jnp.matmul(image_feat.astype(jnp.float32), text_feat.astype(jnp.float32).T,
+                      precision=jax.lax.Precision.HIGHEST)
+
+  def pair_itm(params, image_embeds, text_embeds, text_atts, img_idx, txt_idx):
+    TRACE_COUNTS["pair_itm"] += 1
+    vision = jnp.take(image_embeds, img_idx, axis=0)
+    text = jnp.take(text_embeds, txt_idx, axis=0)
+    atts = jnp.take(text_atts, txt_idx, axis=0)
+    vision_atts = jnp.ones(vision.shape[:2], jnp.int32)
+
+    def f(m, v, va, t, ta):
+      return m.itm_logits(m.fuse(v, va, t, ta))
+
+    logits = model.apply({"params": params}, vision, vision_atts, text, atts, method=f)
+    return logits[:, 1].astype(jnp.float32)
+
+  return dict(encode_images=jax.jit(encode_images), encode_texts=jax.jit(encode_texts),
+              similarities=jax.jit(similarities, **out_repl),
+              pair_itm=jax.jit(pair_itm, **out_repl))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def itc_only_metrics(sims: Any, img2txt, txt2img) -> dict[str, float]:
+  """Retrieval metrics of the ITC similarities alone (no ITM re-ranking).
+
+  Args:
+    sims: [N_img, N_txt] similarities (scores_i2t = sims, scores_t2i = sims.T).
+    img2txt: N_img lists of ground-truth text indices. txt2img: [N_txt] image of each text.
+
+  Returns:
+    `retrieval_metrics.retrieval_metrics` keys (percent).
+  """
+  sims = np.asarray(sims, dtype=np.float32)
+  return metrics_lib.retrieval_metrics(sims, sims.T, img2txt, txt2img)
+
+
+def compute_embeddings(model, params, data: dict, *, batch_size: int, mesh: Mesh | None = None,
+                       fns: dict | None = None) -> dict[str, jax.Array]:
+  """Encodes every image and text of `data` (device arrays, padding dropped).
+
+  Returns:
+    dict(image_embeds [N_img, 1+N, D], image_feat [N_img, E], text_embeds [N_txt, L, H],
+         text_feat [N_txt, E], text_atts [N_txt, L], sims [N_img, N_txt] float32).
+  """
+  _check_batch_size(batch_size, mesh)
+  fns = fns or make_retrieval_fns(model, mesh)
+  image_embeds, image_feat = _run_batched(
+      lambda x: fns["encode_images"](params, x), (data["images"],), batch_size, mesh)
+  text_embeds, text_feat = _run_batched(
+      lambda i, a: fns["encode_texts"](params, i, a), (data["text_ids"], data["text_atts"]),
+      batch_size, mesh)
+  text_atts = np.asarray(data["text_atts"], np.int32)
+  if mesh is None:
+    text_atts = jax.device_put(text_atts)
+  else:
+    text_atts = jax.make_array_from_callback(text_atts.shape, sharding_lib.replicated(mesh),
+                                             lambda idx: text_atts[idx])
+  return dict(image_embeds=image_embeds, image_feat=image_feat, text_embeds=text_embeds,
+              text_feat=text_feat, text_atts=text_atts,
+              sims=fns["similarities"](image_feat, text_feat))
+
+
+def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: int,
+                       mesh: Mesh | None = None, include_itc: bool = False,
+                       log_fn: Callable[[str], Any] = logging.info
+                       ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """Zero-shot / fine-tuned retrieval evaluation (module docstring).
+
+  Args:
+    model: `X2VLM` (deterministic apply). params: its params (unboxed; host or device).
+    data: `eval_data.load_retrieval_eval` output: images [N_img, R, R, 3] f32, text_ids
+      [N_txt, L] i32, text_atts [N_txt, L] i32, txt2img [N_txt], img2txt (N_img lists).
+    k_test: candidates re-scored with ITM per row (clamped to the number of candidates).
+    batch_size: images / texts per encoding call and pairs per ITM call.
+    mesh: optional device mesh; batches are split over ('data', 'fsdp').
+    include_itc: also return the ITC-only metrics as `itc_<key>` (and log ITC vs ITM R@1).
+    log_fn: receives progress lines.
+
+  Returns:
+    (metrics: `retrieval_metrics` keys in percent [+ `itc_*`],
+     scores_i2t [N_img, N_txt] float32, scores_t2i [N_txt, N_img] float32), the scores holding
+    the raw ITM class-1 logit for each row's top-k and -100 elsewhere.
+  """
+  _check_batch_size(batch_size, mesh)
+  n_img, n_txt = len(data["images"]), len(data["text_ids"])
+  params = _place_params(params, mesh)
+  fns = make_retrieval_fns(model, mesh)
+
+  t0 = time.monotonic()
+  emb = compute_embeddings(model, params, data, batch_size=batch_size, mesh=mesh, fns=fns)
+  sims = np.asarray(jax.device_get(emb["sims"]), np.float32)
+  log_fn(f"retrieval: encoded {n_img} images and {n_txt} texts in {time.monotonic() - t0:.1f}s")
+
+  def pair_score_fn(img_idx, txt_idx):
+    return fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
+                           _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
+
+  scores = {}
+  for direction in ("i2t", "t2i"):
+    scores[direction] = rerank.rerank_scores(sims, k_test, pair_score_fn, batch_size=batch_size,
+                                             direction=direction, log_fn=log_fn)
+  metrics = metrics_lib.retrieval_metrics(scores["i2t"], scores["t2i"], data["img2txt"],
+                                          data["txt2img"])
+  if include_itc:
+    itc = itc_only_metrics(sims, data["img2txt"], data["txt2img"])
+    log_fn(f"retrieval R@1: ITC txt {itc['txt_r1']:.2f} img {itc['img_r1']:.2f} | ITM re-ranked "
+           f"(k={k_test}) txt {metrics['txt_r1']:.2f} img {metrics['img_r1']:.2f}")
+    metrics.update({f"itc_{k}": v for k, v in itc.items()})
+  log_fn(f"retrieval: done in {time.monotonic() - t0:.1f}s, r_mean {metrics['r_mean']:.2f}")
+  return metrics, scores["i2t"], scores["t2i"]
