@@ -80,3 +80,10 @@ def test_unknown_model_field_fails_before_anything_runs():
   bad = dict(TINY, vison_width=3)
   with pytest.raises(TypeError, match="vison_width"):
     x2vlm.X2VLM(**bad)
+
+
+def test_optional_absolute_position_embedding_adds_one_table():
+  base = x2vlm.count_params(x2vlm.abstract_variables(x2vlm.X2VLM(**TINY))["params"])
+  with_pos = x2vlm.abstract_variables(x2vlm.X2VLM(vision_abs_pos_emb=True, **TINY))["params"]
+  assert x2vlm.count_params(with_pos) - base == (1 + 4) * 32
+  assert nn.meta.unbox(with_pos)["vision"]["pos_embed"].shape == (1, 5, 32)

@@ -53,6 +53,7 @@ _B = r"vision_encoder\.blocks\.(\d+)\."
 NAME_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (r"temp", "temp", _same),
     (r"vision_encoder\.cls_token", "vision/cls_token", _same),
+    (r"vision_encoder\.pos_embed", "vision/pos_embed", _same),
     (r"vision_encoder\.patch_embed\.proj\.weight", "vision/patch_embed/kernel", _conv),
     (r"vision_encoder\.patch_embed\.proj\.bias", "vision/patch_embed/bias", _same),
     (_B + r"gamma_([12])", r"vision/blocks_\1/gamma_\2", _same),

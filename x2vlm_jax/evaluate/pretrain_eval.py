@@ -29,7 +29,7 @@ def run(config, model, params, *, predictions_dir: str | None = None) -> dict[st
   if ecfg.retrieval_file:
     data = eval_data.load_retrieval_eval(ecfg.retrieval_file, ecfg.retrieval_image_root, **common)
     metrics, scores_i2t, scores_t2i = retrieval.evaluate_retrieval(
-        model, params, data, k_test=ecfg.k_test, batch_size=ecfg.batch_size)
+        model, params, data, k_test=ecfg.k_test, batch_size=ecfg.batch_size, include_itc=True)
     results.update({f"eval/retrieval/{k}": v for k, v in metrics.items()})
     if predictions_dir:
       os.makedirs(predictions_dir, exist_ok=True)

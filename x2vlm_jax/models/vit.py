@@ -136,6 +136,7 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.1
+  abs_pos_emb: bool = False  # BEiT's optional absolute position embedding (X2-VLM: off)
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -166,6 +167,11 @@ class VisionTransformer(nn.Module):
                            (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)), x],
                         axis=1)
+    if self.abs_pos_emb:
+      pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
+          layers.default_kernel_init, (None, None, "embed")), (1, x.shape[1], self.width),
+                             self.param_dtype)
+      x = x + pos_embed.astype(x.dtype)
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block

@@ -40,6 +40,7 @@ class X2VLM(nn.Module):
   vision_layer_norm_eps: float = 1e-6
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.1
+  vision_abs_pos_emb: bool = False  # learned absolute position embedding (not in X2-VLM's BEiT-2)
   num_frames: int = 0  # > 0: learned frame position embedding for `num_frames` video frames
   # Text + fusion (BERT).
   vocab_size: int = 30522
@@ -68,7 +69,8 @@ class X2VLM(nn.Module):
         image_res=self.image_res, patch_size=self.patch_size, width=self.vision_width,
         depth=self.vision_depth, num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
-        drop_path_rate=self.drop_path_rate, remat=self.remat, **kw)
+        drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
+        remat=self.remat, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
         num_layers=self.text_layers + self.fusion_layers, fusion_start=self.text_layers,
