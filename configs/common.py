@@ -26,6 +26,9 @@ def train_config() -> ml_collections.ConfigDict:
       # Which batch kinds make one step, and their loss weights (reference: images 1, regions 1).
       image_text_weight=1.0,
       region_weight=1.0,
+      # Weight of each loss term inside a batch kind (reference: all 1).
+      loss_weights=ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, bbox_l1=1.0,
+                                                  bbox_giou=1.0)),
       # The reference scales the encoders' ITC gradient by 1/world_size (its AllGather backward);
       # 1.0 = the exact gradient of the global loss. Set 1/W to reproduce the reference.
       itc_feature_grad_scale=1.0,

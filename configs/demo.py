@@ -32,6 +32,8 @@ def get_config(arg=None):
   m.vocab_size, m.max_position = 160, 32  # demo vocab.txt has < 160 tokens (checked at start)
   m.embed_dim = 64
   m.drop_path_rate, m.hidden_dropout, m.attention_dropout = 0.0, 0.0, 0.0
+  m.vision_abs_pos_emb = True  # from scratch, boxes need absolute positions (BEiT-2 weights have
+  # learned them through their relative tables; a 3-block random ViT has not)
   if quick:
     m.vision_width, m.vision_depth, m.vision_mlp_dim = 32, 1, 64
     m.text_width, m.text_mlp_dim, m.text_layers, m.fusion_layers = 32, 64, 1, 1
@@ -53,6 +55,7 @@ def get_config(arg=None):
   d.regions.batch_size = 8 if quick else 32
   d.regions.max_regions = 3
   d.regions.randaug = False
+  d.regions.random_crop = False  # evaluation sees whole scenes; train boxes at the same scale
   d.read_threads = 2
 
   t = config.train

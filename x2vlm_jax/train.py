@@ -55,7 +55,8 @@ def make_loss_fn(model: x2vlm.X2VLM, train_cfg) -> Callable:
         kwargs["dedupe_padded_pairs"] = train_cfg.dedupe_padded_pairs
       out = model.apply({"params": params}, batches[kind], itm_rng, method=OBJECTIVES[kind],
                         rngs={"dropout": dropout_rng}, **kwargs)
-      kind_loss = sum(out.values())
+      loss_weights = train_cfg.loss_weights
+      kind_loss = sum(loss_weights[name] * value for name, value in out.items())
       total = total + weights[kind] * kind_loss
       metrics.update({f"{kind}/{name}": value for name, value in out.items()})
       metrics[f"{kind}/loss"] = kind_loss

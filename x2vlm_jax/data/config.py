@@ -46,7 +46,10 @@ def _regions() -> ml_collections.ConfigDict:
           max_images=4,  # N_img: images per region batch (static).
           batch_size=8,  # Rb: region-text pairs per batch (static).
           max_regions=5,  # pairs per image, including the whole-image caption pair.
-          min_perc_in_image=0.5,  # keep a region if clipped_area / area > this.
+          min_perc_in_image=0.5,
+          # Random crop containing a chosen box (reference). False: the whole image, so boxes keep
+          # the scale they have at evaluation (small synthetic scenes).
+          random_crop=True,  # keep a region if clipped_area / area > this.
           hflip_prob=0.5,
           # Colour-only RandAugment (Identity, AutoContrast, Equalize, Brightness, Sharpness).
           randaug=True,

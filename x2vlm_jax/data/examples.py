@@ -195,6 +195,7 @@ class RegionProcessor(_Processor):
     super().__init__(cfg, cfg.regions, image_res, patch_size, encoder)
     self.max_regions = int(cfg.regions.max_regions)
     self.min_perc = float(cfg.regions.min_perc_in_image)
+    self.region_crop = bool(cfg.regions.random_crop)
 
   def _elem_texts(self, elem: dict) -> tuple[list[str], list[str]]:
     captions = _as_text_list(elem.get("caption"))
@@ -244,7 +245,10 @@ class RegionProcessor(_Processor):
     image_captions = _valid_captions(_as_text_list(rec.get(self.caption_key)), self.encoder)
 
     anchor = box_ops.clip_box(_pick(rng, inside)[0], width, height)
-    x0, y0, x1, y1 = image_ops.region_crop_params(anchor, width, height, rng)
+    if self.region_crop:
+      x0, y0, x1, y1 = image_ops.region_crop_params(anchor, width, height, rng)
+    else:  # whole image: boxes keep the scale they have at evaluation
+      x0, y0, x1, y1 = 0, 0, width, height
     cw, ch = x1 - x0, y1 - y0
     flipped = bool(rng.random() < self.hflip_prob)
     r = self.image_res
