@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -50,10 +51,8 @@ class MetricWriter:
     os.makedirs(self.workdir, exist_ok=True)
     self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
     if tensorboard:
-      # Imported lazily: tensorboardX is only needed on the chief (it also imports torch when
-      # torch happens to be installed).
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(self.workdir, "tensorboard"))
+      tensorboardx = _import_tensorboardx()
+      self._tb = tensorboardx.SummaryWriter(logdir=os.path.join(self.workdir, "tensorboard"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Records `scalars` (name → scalar number / 0-d or 1-element array) at `step`."""
@@ -93,6 +92,24 @@ class MetricWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _import_tensorboardx():
+  """tensorboardX, imported without torch.
+
+  Its writer module imports torch whenever torch is installed, only to accept torch tensors; the
+  training path must neither pay for nor depend on torch, so torch is hidden during the import
+  (we only pass Python floats). If torch is already loaded (tests, conversion) nothing changes.
+  """
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
 
 
 def format_duration(seconds: float) -> str:
