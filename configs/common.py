@@ -14,6 +14,24 @@ from x2vlm_jax.data import config as data_config_lib
 from x2vlm_jax.models import x2vlm
 
 
+# The released X2-VLM sizes (BEiT-2 ViT-B/16 or ViT-L/16 + BERT-base/large-sized text and fusion).
+MODEL_SIZES = {
+    "base": dict(patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+                 vision_mlp_dim=3072, text_width=768, text_heads=12, text_mlp_dim=3072,
+                 text_layers=12, fusion_layers=6, vocab_size=30522, embed_dim=256),
+    "large": dict(patch_size=16, vision_width=1024, vision_depth=24, vision_heads=16,
+                  vision_mlp_dim=4096, text_width=1024, text_heads=16, text_mlp_dim=4096,
+                  text_layers=12, fusion_layers=6, vocab_size=30522, embed_dim=256),
+}
+
+
+def set_model_size(model_cfg: ml_collections.ConfigDict, size: str) -> None:
+  """Sets the size fields of `config.model` to X2-VLM-base or -large."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"model size {size!r}: expected one of {sorted(MODEL_SIZES)}")
+  model_cfg.update(MODEL_SIZES[size])
+
+
 def train_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       total_steps=1000,  # optimizer steps
@@ -23,9 +41,12 @@ def train_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpoints=True,
       eval_every_steps=0,  # 0: evaluate only at the end
-      # Which batch kinds make one step, and their loss weights (reference: images 1, regions 1).
+      # Which batch kinds make one step, and their loss weights (reference pre-training: images 1,
+      # regions 1). Fine-tuning configs set these to 0 and retrieval_weight or grounding_weight to 1.
       image_text_weight=1.0,
       region_weight=1.0,
+      retrieval_weight=0.0,  # image-text batches with image ids: ITC (same-image targets) + ITM
+      grounding_weight=0.0,  # {"image", "text", "bbox"} batches: box L1 + GIoU
       # Weight of each loss term inside a batch kind (reference: all 1).
       loss_weights=ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, bbox_l1=1.0,
                                                   bbox_giou=1.0)),
@@ -41,7 +62,10 @@ def train_config() -> ml_collections.ConfigDict:
 def init_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       checkpoint="",  # Orbax params dir (from tools/convert_checkpoint.py) to start from
-      allow_missing=[],  # fnmatch patterns of params that may be absent (fresh init)
+      allow_missing=(),  # fnmatch patterns of params that may be absent (fresh init)
+      # fnmatch patterns of stored params this model does not have and that are dropped (e.g. the
+      # MLM head when fine-tuning from a pre-training checkpoint, as the reference's non-strict load)
+      ignore_unexpected=(),
   ))
 
 
@@ -49,8 +73,11 @@ def eval_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       retrieval_file="",  # {"image", "caption": [..]} JSONL for zero-shot retrieval
       retrieval_image_root="",
-      grounding_file="",  # {"image", "text", "bbox"} JSONL for grounding accuracy
+      # {"image", "text", "bbox"} JSONL files, one per split (val, testA, ...): Acc@0.5 and mIoU
+      # each, as eval/grounding/<file stem>/acc
+      grounding_files=(),
       grounding_image_root="",
+      grounding_plus_one=False,  # IoU with the "+1 pixel" convention of the RefCOCO evaluation
       k_test=16,  # ITM re-ranking depth (reference: 256 COCO, 128 Flickr)
       batch_size=32,
       checkpoint="",  # for --mode eval: Orbax dir (a params-only or a training checkpoint)
@@ -74,12 +101,41 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.unlock()
   config.optim = optim.optim_config()
   config.mesh = sharding.mesh_config()
-  config.sharding_rules = [list(rule) for rule in sharding.default_sharding_rules()]
+  config.sharding_rules = tuple(tuple(rule) for rule in sharding.default_sharding_rules())
   config.train = train_config()
   config.init = init_config()
   config.eval = eval_config()
   config.demo = demo_config()
   return config
+
+
+def finetune_config(size: str, image_res: int) -> ml_collections.ConfigDict:
+  """Settings shared by the fine-tuning recipes (REFERENCE_DETAILED.md §4), unlocked.
+
+  X2-VLM-`size` at `image_res`; no MLM head (a pre-training checkpoint's is dropped on load, and
+  its relative-position tables are interpolated to `image_res`); no pre-training batch kinds; no
+  gradient clipping; every parameter at `optim.lr` (nothing is new relative to an X2-VLM
+  checkpoint); 10% linear warm-up then linear decay; weight decay 0.01.
+  """
+  config = base_config()
+  config.model.image_res = image_res
+  set_model_size(config.model, size)
+  config.model.mlm_head = False
+  config.train.image_text_weight = config.train.region_weight = 0.0
+  config.init.ignore_unexpected = ["text/mlm_*"]
+  config.optim.grad_clip_norm = 0.0
+  config.optim.new_param_patterns = []
+  config.optim.warmup_steps = 0.1
+  config.optim.weight_decay = 0.01
+  return config
+
+
+def size_arg(arg: str | None) -> str:
+  """`configs/finetune/X.py[:base|large]` -> the model size (default base)."""
+  size = arg or "base"
+  if size not in MODEL_SIZES:
+    raise ValueError(f"config arg {arg!r}: expected one of {sorted(MODEL_SIZES)}")
+  return size
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -59,18 +59,18 @@ def get_config(arg=None):
   d.read_threads = 2
 
   t = config.train
-  t.total_steps = 6 if quick else 1200
+  t.total_steps = 6 if quick else 1400
   t.log_every_steps = 2 if quick else 50
   t.checkpoint_every_steps = 3 if quick else 400
   config.optim.total_steps = t.total_steps
-  config.optim.lr = 1e-3 if quick else 5e-4
+  config.optim.lr = 1e-3
   config.optim.warmup_steps = 0.05
   config.optim.weight_decay = 0.01
 
   e = config.eval
   e.retrieval_file = f"{data_dir}/val_retrieval.jsonl"
   e.retrieval_image_root = data_dir
-  e.grounding_file = f"{data_dir}/val_grounding.jsonl"
+  e.grounding_files = [f"{data_dir}/val_grounding.jsonl"]
   e.grounding_image_root = data_dir
   e.k_test = 8 if quick else 16
   e.batch_size = 16 if quick else 64

@@ -10,11 +10,7 @@ from configs import common
 
 def get_config(arg=None):
   config = common.base_config()
-  m = config.model
-  m.image_res, m.patch_size = 224, 16
-  m.vision_width, m.vision_depth, m.vision_heads, m.vision_mlp_dim = 768, 12, 12, 3072
-  m.text_width, m.text_heads, m.text_mlp_dim = 768, 12, 3072
-  m.text_layers, m.fusion_layers, m.vocab_size = 12, 6, 30522
-  m.embed_dim = 256
+  config.model.image_res = 224
+  common.set_model_size(config.model, "base")
   config.optim.lr = 1e-4
   return common.apply_arg(config, arg)

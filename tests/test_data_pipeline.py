@@ -55,7 +55,7 @@ def _same(a, b):
 def test_config_is_typed_and_locked():
   cfg = data_config_lib.data_config()
   assert cfg.max_tokens == 40 and cfg.mask_prob == 0.5 and cfg.regions.max_regions == 5
-  assert cfg.image_text.files == [] and cfg.swap_left_right_on_flip
+  assert cfg.image_text.files == () and cfg.swap_left_right_on_flip
   with pytest.raises(AttributeError):
     cfg.max_token = 30  # misspelt key
   with pytest.raises(TypeError):
@@ -72,6 +72,7 @@ def test_image_text_batch(demo_dir):
       "text_ids": ((4, 16), "int32"), "text_atts": ((4, 16), "int32"),
       "text_ids_masked": ((4, 16), "int32"),
       "masked_pos": ((4, 5), "int32"), "masked_ids": ((4, 5), "int32"),
+      "image_idx": ((4,), "int32"),
       "num_bad_records": ((), "int32"), "num_records": ((), "int32"),
   }
   assert int(batch["num_bad_records"]) == 0 and int(batch["num_records"]) == 4

@@ -23,7 +23,7 @@ def test_demo_pretrains_and_evaluates_from_the_command_line(tmp_path):
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == [2, 4, 6]
   final = records[-1]
-  for key in ("eval/retrieval/txt_r1", "eval/retrieval/img_r1", "eval/grounding_acc"):
+  for key in ("eval/retrieval/txt_r1", "eval/retrieval/img_r1", "eval/grounding/val_grounding/acc"):
     assert 0.0 <= final[key] <= 100.0
   assert "step 6/6" in proc.stderr and "ex/s" in proc.stderr and "ETA" in proc.stderr
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -34,7 +34,7 @@ def test_demo_pretrains_and_evaluates_from_the_command_line(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = [json.loads(line) for line in open(os.path.join(eval_dir, "metrics.jsonl"))][-1]
   assert again["step"] == 6
-  for key in ("eval/retrieval/txt_r1", "eval/retrieval/img_r1", "eval/grounding_acc"):
+  for key in ("eval/retrieval/txt_r1", "eval/retrieval/img_r1", "eval/grounding/val_grounding/acc"):
     assert abs(again[key] - final[key]) < 1e-6, key
   assert os.path.exists(os.path.join(eval_dir, "retrieval_scores.npz"))
 

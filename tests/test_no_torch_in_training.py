@@ -7,7 +7,7 @@ import sys, tempfile
 from configs import tiny
 from x2vlm_jax import train, metrics, checkpoint, objectives
 from x2vlm_jax.data import pipeline
-from x2vlm_jax.evaluate import pretrain_eval
+from x2vlm_jax.evaluate import from_config
 with metrics.MetricWriter(tempfile.mkdtemp()) as writer:
   writer.write_scalars(1, {"loss": 1.0})
 assert "torch" not in sys.modules, "torch was imported"

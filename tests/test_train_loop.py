@@ -18,7 +18,8 @@ def demo_dir(tmp_path_factory):
 def _config(demo_dir, **train):
   config = demo.get_config(f"quick,data_dir={demo_dir}")
   config.unlock()
-  config.eval.retrieval_file = config.eval.grounding_file = ""
+  config.eval.retrieval_file = ""
+  config.eval.grounding_files = []
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 100
   for key, value in train.items():

@@ -192,6 +192,26 @@ class Checkpointer:
                             f"saved with another process count?): {type(e).__name__}: {e}") from e
     return restored[STATE_ITEM]
 
+  def restore_params(self, step: int | None = None) -> Any:
+    """The `params` of the state saved at `step` (None = latest) as host numpy arrays, without
+    needing the model or optimizer that wrote them (e.g. to start fine-tuning from them)."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None or step not in self.all_steps():
+      raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {self.directory}; "
+                              f"found steps {self.all_steps()}.")
+    item_dir = os.path.join(self.directory, str(step), STATE_ITEM)
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        stored = reader.metadata(item_dir).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+        state = reader.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"Failed to read {item_dir} (truncated or corrupt?): "
+                            f"{type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or "params" not in state:
+      raise CheckpointError(f"{item_dir} holds no 'params' (keys: {list(state)[:5]})")
+    return state["params"]
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""
     self._manager.wait_until_finished()
@@ -217,6 +237,17 @@ def save_params(directory: str | os.PathLike, params: Any, *, overwrite: bool = 
   checkpointer.save(directory, params, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
+
+
+def load_any_params(directory: str | os.PathLike) -> Any:
+  """Host numpy params from a params dir (`save_params`, tools/convert_checkpoint.py), a training
+  workdir (its latest checkpoint), or a training workdir's `checkpoints/` directory."""
+  directory = os.path.abspath(os.fspath(directory))
+  for ckpt_dir in (os.path.join(directory, "checkpoints"), directory):
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+      with Checkpointer(ckpt_dir, async_save=False) as checkpointer:
+        return checkpointer.restore_params()
+  return load_params(directory)
 
 
 def load_params(directory: str | os.PathLike, abstract_params: Any = None) -> Any:

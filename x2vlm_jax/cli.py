@@ -54,10 +54,10 @@ def load_eval_params(config, checkpoint: str | None, workdir: str):
 
 def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict:
   from x2vlm_jax import metrics as metrics_lib
-  from x2vlm_jax.evaluate import pretrain_eval
+  from x2vlm_jax.evaluate import from_config
 
   model, params, step = load_eval_params(config, checkpoint, workdir)
-  results = pretrain_eval.run(config, model, params, predictions_dir=workdir)
+  results = from_config.run(config, model, params, predictions_dir=workdir)
   with metrics_lib.MetricWriter(workdir, is_chief=jax.process_index() == 0) as writer:
     writer.write_scalars(step, results)
   for name, value in results.items():

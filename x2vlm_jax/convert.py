@@ -116,6 +116,11 @@ _MLM_BIAS = re.compile(r"text_encoder\.cls\.predictions\.bias")
 _REL_TABLE_PATH = re.compile(r"vision/blocks_\d+/attn/relative_position_bias_table")
 
 
+def is_rel_pos_table(name: str) -> bool:
+  """True for a flat param name of a ViT block's relative position bias table."""
+  return bool(_REL_TABLE_PATH.fullmatch(name))
+
+
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """`torch.load` a checkpoint (with or without the 'model' wrapper) -> name -> float numpy array."""
   import torch  # conversion-time dependency only
@@ -234,7 +239,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[s
     path, transform = mapped
     array = transform(np.asarray(value))
     expected = tuple(target_shapes[path])
-    if _REL_TABLE_PATH.fullmatch(path) and array.shape != expected and array.shape[1:] == expected[1:]:
+    if is_rel_pos_table(path) and array.shape != expected and array.shape[1:] == expected[1:]:
       array = resize_rel_pos_table(array, expected[0])
     if path == "frame_pos_embed" and array.shape != expected and array.shape[1:] == expected[1:]:
       keep = min(array.shape[0], expected[0])  # copy the first frames, as the reference does

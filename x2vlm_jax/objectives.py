@@ -1,4 +1,4 @@
-"""Pre-training objectives: the forward passes that turn a batch into the X2-VLM losses.
+"""Training objectives: the forward passes that turn a batch into the X2-VLM losses.
 
 Each objective is a function of the bound model (pass it as `method=` to `model.apply`), so one
 `apply` runs the whole forward:
@@ -8,7 +8,9 @@ Each objective is a function of the bound model (pass it as `method=` to `model.
 
 Batches (see x2vlm_jax/data): image-text `image [B,H,W,3], text_ids/text_atts/text_ids_masked [B,L],
 masked_pos/masked_ids [B,M]`; region batches add `idx_to_group_img [R], image_atts [R,1+N],
-target_bbox [R,4], is_image [R], pair_id [R]` with `image [N_img,H,W,3]`.
+target_bbox [R,4], is_image [R], pair_id [R]` with `image [N_img,H,W,3]`. Fine-tuning batches:
+retrieval = an image-text batch with `image_idx [B]`; grounding = `image [B,H,W,3], text_ids/atts
+[B,L], target_bbox [B,4]`.
 """
 from __future__ import annotations
 
@@ -90,3 +92,31 @@ def region_objective(m, batch, rng, deterministic: bool = True,
   out["bbox_l1"], out["bbox_giou"] = losses.box_losses(box, batch["target_bbox"],
                                                        batch["is_image"])
   return out
+
+
+def retrieval_objective(m, batch, rng, deterministic: bool = True,
+                        itc_feature_grad_scale: float = 1.0, with_itm: bool = True):
+  """Retrieval fine-tuning batch -> {'itc', 'itm'} (reference `XVLMForRetrieval`).
+
+  Captions of the same image (equal `image_idx`) share the ITC target mass and are never
+  sampled as each other's ITM negatives. No MLM.
+  """
+  image_embeds = m.encode_image(batch["image"], deterministic)
+  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+  out, _ = aligning_losses(m, image_embeds, image_atts, batch, rng, deterministic=deterministic,
+                           idx=batch["image_idx"], itc_feature_grad_scale=itc_feature_grad_scale,
+                           with_itm=with_itm, with_mlm=False)
+  return out
+
+
+def grounding_objective(m, batch, rng, deterministic: bool = True):
+  """Grounding fine-tuning batch -> {'bbox_l1', 'bbox_giou'} (reference `XVLMForGrounding`):
+  the whole image, the text encoder and the fusion layers, bbox head on the fused [CLS]."""
+  del rng  # no sampling
+  image_embeds = m.encode_image(batch["image"], deterministic)
+  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+  text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
+  cross = m.fuse(image_embeds, image_atts, text_embeds, batch["text_atts"], deterministic)
+  box = m.predict_box(cross)
+  l1, giou = losses.box_losses(box, batch["target_bbox"])
+  return {"bbox_l1": l1, "bbox_giou": giou}

@@ -80,7 +80,7 @@ def optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lr=1e-4,
       lr_mult=2.0,  # learning-rate multiplier for `new_param_patterns`
-      new_param_patterns=list(PRETRAIN_NEW_PARAM_PATTERNS),
+      new_param_patterns=tuple(PRETRAIN_NEW_PARAM_PATTERNS),
       weight_decay=0.01,
       b1=0.9,
       b2=0.98,

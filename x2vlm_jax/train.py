@@ -1,8 +1,9 @@
-"""Pre-training: train state, the jitted train step, and the loop.
+"""Training (pre-training and fine-tuning): train state, the jitted train step, and the loop.
 
 The train step is a pure function `(state, batches, rng) -> (state, metrics)` where `batches` maps
-a batch kind ('image_text', 'regions') to a batch of global arrays; the kinds present and their loss
-weights come from the config (the reference sums an image-text and a region batch per step).
+a batch kind ('image_text', 'regions' for pre-training; 'retrieval', 'grounding' for fine-tuning)
+to a batch of global arrays; the kinds present and their loss weights come from the config (the
+reference pre-training sums an image-text and a region batch per step).
 It is jitted once with explicit shardings over the ('data', 'fsdp', 'tensor') mesh.
 """
 from __future__ import annotations
@@ -27,30 +28,39 @@ jax.config.update("jax_threefry_partitionable", True)
 State = dict  # {'step': int32 [], 'params': tree, 'opt_state': tree, 'skipped': int32 []}
 
 OBJECTIVES: dict[str, Callable] = {
-    "image_text": objectives.image_text_objective,
-    "regions": objectives.region_objective,
+    "image_text": objectives.image_text_objective,  # pre-training
+    "regions": objectives.region_objective,  # pre-training
+    "retrieval": objectives.retrieval_objective,  # fine-tuning (COCO / Flickr30k)
+    "grounding": objectives.grounding_objective,  # fine-tuning (RefCOCO)
 }
+
+
+def kind_weights(train_cfg) -> dict[str, float]:
+  """Loss weight of each batch kind, from config.train.{image_text,region,retrieval,grounding}_weight."""
+  return {"image_text": train_cfg.image_text_weight, "regions": train_cfg.region_weight,
+          "retrieval": train_cfg.retrieval_weight, "grounding": train_cfg.grounding_weight}
 
 
 def batch_kinds(train_cfg) -> tuple[str, ...]:
   """The batch kinds that make one optimizer step (those with a non-zero loss weight)."""
-  weights = {"image_text": train_cfg.image_text_weight, "regions": train_cfg.region_weight}
-  kinds = tuple(k for k, w in weights.items() if w > 0)
+  kinds = tuple(k for k, w in kind_weights(train_cfg).items() if w > 0)
   if not kinds:
-    raise ValueError("config.train: image_text_weight and region_weight are both 0")
+    raise ValueError("config.train: every *_weight (image_text, region, retrieval, grounding) is 0")
   return kinds
 
 
 def make_loss_fn(model: x2vlm.X2VLM, train_cfg) -> Callable:
   """loss_fn(params, batches, rng) -> (total loss, metrics dict). Weighted sum over batch kinds."""
-  weights = {"image_text": train_cfg.image_text_weight, "regions": train_cfg.region_weight}
+  weights = kind_weights(train_cfg)
 
   def loss_fn(params, batches: Mapping[str, Mapping[str, jax.Array]], rng: jax.Array):
     total = 0.0
     metrics = {}
     for i, kind in enumerate(sorted(batches)):
       itm_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, i))
-      kwargs = dict(deterministic=False, itc_feature_grad_scale=train_cfg.itc_feature_grad_scale)
+      kwargs = dict(deterministic=False)
+      if kind != "grounding":
+        kwargs["itc_feature_grad_scale"] = train_cfg.itc_feature_grad_scale
       if kind == "regions":
         kwargs["dedupe_padded_pairs"] = train_cfg.dedupe_padded_pairs
       out = model.apply({"params": params}, batches[kind], itm_rng, method=OBJECTIVES[kind],
@@ -172,7 +182,9 @@ def make_data_iterators(config, kinds: tuple[str, ...]) -> dict[str, Any]:
   common = dict(image_res=config.model.image_res, patch_size=config.model.patch_size,
                 seed=config.data.seed, **shard)
   makers = {"image_text": pipeline.make_image_text_iterator,
-            "regions": pipeline.make_region_iterator}
+            "regions": pipeline.make_region_iterator,
+            "retrieval": pipeline.make_image_text_iterator,
+            "grounding": pipeline.make_grounding_iterator}
   return {kind: makers[kind](config.data, **common) for kind in kinds}
 
 
@@ -220,19 +232,36 @@ def restore_or_init(trainer: Trainer, checkpointer, iterators, config) -> State:
   params = None
   if config.init.checkpoint:
     params = load_init_params(trainer, config.init.checkpoint, tuple(config.init.allow_missing),
-                              config.train.seed)
+                              config.train.seed, tuple(config.init.ignore_unexpected))
   return trainer.init_state(config.train.seed, params)
 
 
-def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str, ...], seed: int):
-  """Params from an Orbax params dir; names matched by `allow_missing` may be absent (fresh)."""
+def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str, ...], seed: int,
+                     ignore_unexpected: tuple[str, ...] = ()):
+  """Params from an Orbax params dir, checked against the model before anything compiles.
+
+  Names matched by `allow_missing` (fnmatch) may be absent and start fresh; stored names matched by
+  `ignore_unexpected` are dropped (e.g. the MLM head when fine-tuning). Relative-position tables
+  stored for another image_res are interpolated to this model's, as the reference does when
+  fine-tuning at 384 from a 224 checkpoint. Anything else that differs fails with the full list.
+  """
   import fnmatch
   from x2vlm_jax import checkpoint, convert
 
-  stored = convert.flatten(checkpoint.load_params(directory))
+  def matches(name, patterns):
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+  stored = convert.flatten(checkpoint.load_any_params(directory))
   target = convert.flatten(trainer.abstract_state["params"])
+  dropped = [p for p in stored if p not in target and matches(p, ignore_unexpected)]
+  for p in dropped:
+    del stored[p]
+  for p in target:
+    if (p in stored and convert.is_rel_pos_table(p)
+        and tuple(stored[p].shape) != tuple(target[p].shape)):
+      stored[p] = convert.resize_rel_pos_table(np.asarray(stored[p]), target[p].shape[0])
   missing = [p for p in target if p not in stored]
-  not_allowed = [p for p in missing if not any(fnmatch.fnmatchcase(p, a) for a in allow_missing)]
+  not_allowed = [p for p in missing if not matches(p, allow_missing)]
   unexpected = [p for p in stored if p not in target]
   mismatched = [f"{p}: expected {list(target[p].shape)}, found {list(stored[p].shape)}"
                 for p in target if p in stored and tuple(stored[p].shape) != tuple(target[p].shape)]
@@ -240,7 +269,10 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
     raise ValueError(f"init checkpoint {directory} does not match config.model:\n"
                      f"  missing: {not_allowed}\n  unexpected: {unexpected}\n"
                      f"  shape mismatches: {mismatched}\n"
-                     "(config.init.allow_missing lists patterns that may start fresh)")
+                     "(config.init.allow_missing lists patterns that may start fresh, "
+                     "config.init.ignore_unexpected patterns that may be dropped)")
+  if dropped:
+    logging.info("Dropped %d stored params the model does not use: %s", len(dropped), dropped)
   if missing:
     fresh = convert.flatten(jax.device_get(nn.meta.unbox(trainer.model.init(
         jax.random.PRNGKey(seed), *x2vlm.init_inputs(trainer.model))["params"])))
@@ -256,7 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   early because of `config.train.max_steps_per_run`).
   """
   from x2vlm_jax import checkpoint, metrics as metrics_lib, sharding as sharding_lib
-  from x2vlm_jax.evaluate import pretrain_eval
+  from x2vlm_jax.evaluate import from_config
 
   tcfg = config.train
   trainer = Trainer.create(config)
@@ -276,7 +308,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   start = int(jax.device_get(state["step"]))
   examples_per_step = sum(
       {"image_text": config.data.image_text.batch_size,
-       "regions": config.data.regions.batch_size}[k] for k in trainer.kinds) * jax.process_count()
+       "regions": config.data.regions.batch_size,
+       "retrieval": config.data.image_text.batch_size,
+       "grounding": config.data.grounding.batch_size}[k] for k in trainer.kinds
+  ) * jax.process_count()
   reporter = metrics_lib.ProgressReporter(tcfg.total_steps, examples_per_step,
                                           tcfg.log_every_steps, start_step=start)
   budget = BadRecordBudget(config.data.max_bad_fraction, config.data.min_records_before_abort)
@@ -306,7 +341,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       return {}
   checkpointer.wait()
   checkpointer.close()
-  results = pretrain_eval.run(config, trainer.model, state["params"])
+  results = from_config.run(config, trainer.model, state["params"],
+                            predictions_dir=workdir if is_chief else None)
   if results:
     writer.write_scalars(step, results)
   writer.close()

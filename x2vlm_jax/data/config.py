@@ -13,6 +13,8 @@ Record formats (one JSON object per line / per ArrayRecord record):
   regions:    {"image": ..., "caption": optional str | [str],
                "elems": [{"bbox"|"bb": [x, y, w, h] pixels, "caption": str | [str],
                           "attributes": optional str | [str]}, ...]}
+  grounding:  {"image": ..., "text": str, "bbox": [x, y, w, h] pixels}
+  (image-text records may carry "image_id": retrieval fine-tuning treats equal ids as positives)
 
 Batch shapes (B = image_text.batch_size, L = max_tokens, M = max_masks, R = image_res,
 N = regions.max_images, Rb = regions.batch_size, P = (R / patch)^2): see `pipeline.py`.
@@ -25,10 +27,13 @@ import ml_collections
 def _image_text() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
-          files=[],  # list[str]: JSONL / ArrayRecord paths (glob allowed) or "tfds:name:split".
+          files=(),  # tuple[str]: JSONL / ArrayRecord paths (glob allowed) or "tfds:name:split".
           image_root="",  # relative image paths are joined to this.
           image_key="image",  # path key; base64 bytes are read from "image_b64" or "binary".
           caption_key="caption",
+          # Retrieval fine-tuning: pairs with the same image_id are positives of each other
+          # (ITC soft targets, never ITM negatives); without the field the image path is the id.
+          image_id_key="image_id",
           batch_size=8,  # B, image-text pairs per batch (per process).
           crop_scale_min=0.2,  # RandomResizedCrop scale range (crop_scale_min, 1.0).
           hflip_prob=0.5,
@@ -39,7 +44,7 @@ def _image_text() -> ml_collections.ConfigDict:
 def _regions() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
-          files=[],
+          files=(),
           image_root="",
           image_key="image",
           caption_key="caption",
@@ -53,6 +58,21 @@ def _regions() -> ml_collections.ConfigDict:
           hflip_prob=0.5,
           # Colour-only RandAugment (Identity, AutoContrast, Equalize, Brightness, Sharpness).
           randaug=True,
+      ))
+
+
+def _grounding() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          files=(),  # {"image", "text", "bbox": [x, y, w, h] pixels} records (RefCOCO format)
+          image_root="",
+          image_key="image",
+          caption_key="text",
+          batch_size=8,  # B, (image, text, box) triples per batch (per process).
+          min_perc_in_image=0.5,
+          random_crop=True,  # a random crop that keeps the box (reference), else the whole image
+          hflip_prob=0.5,  # flips swap "left"/"right" in the text (data.swap_left_right_on_flip)
+          randaug=True,  # colour-only RandAugment, as for regions
       ))
 
 
@@ -77,6 +97,7 @@ def data_config() -> ml_collections.ConfigDict:
           max_image_pixels=89_478_485,  # decompression-bomb guard (PIL's default limit).
           image_text=_image_text(),
           regions=_regions(),
+          grounding=_grounding(),
           num_workers=0,  # grain worker processes; 0 = decode in this process (threads).
           read_threads=4,  # threads decoding records inside each process.
           prefetch=2,  # batches prefetched (thread prefetch, or per-worker buffer).

@@ -11,6 +11,8 @@ size in {small, large}. Files under `out_dir`:
                            "elems": [{"bbox": [x, y, w, h],
                                       "caption": ["circle", "circle on the left"],
                                       "attributes": ["red", "small red"]}, ...]}
+  train_grounding.jsonl   {"image": ..., "text": "the small red circle", "bbox": [x, y, w, h]}
+                          (one per shape; for grounding fine-tuning)
   val_retrieval.jsonl     {"image": ..., "caption": [scene captions]}
   val_grounding.jsonl     {"image": ..., "text": "the small red circle", "bbox": [x, y, w, h]}
                           (one per shape)
@@ -58,6 +60,7 @@ train_image_text.jsonl  image-text pairs: {{"image", "caption": [3 scene caption
 train_regions.jsonl     region records: {{"image", "caption", "elems": [{{"bbox": [x, y, w, h]
                         pixels, "caption": [object, object + position],
                         "attributes": [colour, size + colour]}}]}}
+train_grounding.jsonl   grounding fine-tuning format: {{"image", "text", "bbox"}} (one per shape)
 val_retrieval.jsonl     retrieval test format: {{"image", "caption": [captions]}}
 val_grounding.jsonl     grounding test format: {{"image", "text", "bbox"}} (one per shape)
 vocab.txt               BERT WordPiece vocabulary covering every generated word
@@ -176,7 +179,8 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 def demo_paths(out_dir: str) -> dict[str, str]:
   names = dict(train_image_text="train_image_text.jsonl",
-               train_regions="train_regions.jsonl", val_retrieval="val_retrieval.jsonl",
+               train_regions="train_regions.jsonl", train_grounding="train_grounding.jsonl",
+               val_retrieval="val_retrieval.jsonl",
                val_grounding="val_grounding.jsonl", vocab="vocab.txt", readme="README.txt")
   paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
   paths["image_root"] = out_dir
@@ -198,24 +202,25 @@ def make_demo_data(
   if os.path.exists(paths["readme"]):
     os.remove(paths["readme"])  # not complete until rewritten
   rng_train, rng_val = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-  image_text, regions, retrieval, grounding = [], [], [], []
+  image_text, regions, train_grounding, retrieval, grounding = [], [], [], [], []
   for split, n, rng in (("train", num_train, rng_train), ("val", num_val, rng_val)):
     for i in range(n):
       img, objects = _scene(rng, image_size, val=(split == "val"))
       rel_path = f"images/{split}_{i:06d}.png"
       img.save(os.path.join(out_dir, rel_path), compress_level=1)
       captions = _captions(objects)
+      referring = [{"image": rel_path, "text": f"the {obj['size']} {obj['colour']} {obj['shape']}",
+                    "bbox": obj["bbox"]} for obj in objects]
       if split == "train":
         image_text.append({"image": rel_path, "caption": captions})
         regions.append({"image": rel_path, "caption": captions[:2], "elems": _elems(objects)})
+        train_grounding.extend(referring)
       else:
         retrieval.append({"image": rel_path, "caption": captions})
-        for obj in objects:
-          grounding.append({"image": rel_path,
-                            "text": f"the {obj['size']} {obj['colour']} {obj['shape']}",
-                            "bbox": obj["bbox"]})
+        grounding.extend(referring)
   _write_jsonl(paths["train_image_text"], image_text)
   _write_jsonl(paths["train_regions"], regions)
+  _write_jsonl(paths["train_grounding"], train_grounding)
   _write_jsonl(paths["val_retrieval"], retrieval)
   _write_jsonl(paths["val_grounding"], grounding)
   with open(paths["vocab"], "w", encoding="utf-8") as f:

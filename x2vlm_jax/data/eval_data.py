@@ -1,10 +1,11 @@
 """Deterministic evaluation data (test transform: bicubic resize to R x R + CLIP normalisation).
 
-Retrieval records (JSONL): {"image": path, "caption": str | [str, ...]}
+Files are JSONL or JSON lists (the reference's `coco_test.json` format); records:
+Retrieval: {"image": path, "caption": str | [str, ...]}
   load_retrieval_eval(...) -> dict(
       images [N, R, R, 3] f32, text_ids [T, L] i32, text_atts [T, L] i32,
       txt2img [T] i32 (image of each text), img2txt: list of N lists of text indices)
-Grounding records (JSONL): {"image": path, "text": str, "bbox": [x, y, w, h] original pixels}
+Grounding: {"image": path, "text": str, "bbox": [x, y, w, h] original pixels}
   load_grounding_eval(...) -> dict(
       images [N, R, R, 3] f32, text_ids [N, L] i32, text_atts [N, L] i32,
       bbox_xywh [N, 4] f32 (original pixels), image_size [N, 2] i32 ((W, H) of the original image))
@@ -28,8 +29,9 @@ from x2vlm_jax.data import text as text_lib
 BadDataError = records.BadDataError
 
 
-def _read_records(jsonl: str) -> list[tuple[str, dict]]:
-  src = records.JsonlSource([jsonl])
+def _read_records(path: str) -> list[tuple[str, dict]]:
+  """Every record of a JSONL or JSON-list file, in order; any bad record is an error."""
+  src = records.make_source([path])
   out = []
   for i in range(len(src)):
     raw = src[i]
@@ -98,8 +100,11 @@ def iter_eval_images(
     yield images, valid
 
 
-def _encode_texts(texts: Sequence[str], where: Sequence[str], tokenizer: text_lib.Tokenizer,
-                  max_tokens: int, max_words: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(texts: Sequence[str], where: Sequence[str], tokenizer: text_lib.Tokenizer,
+                 max_tokens: int, max_words: int) -> tuple[np.ndarray, np.ndarray]:
+  """Texts -> (ids [M, L] i32, atts [M, L] i32): pre_caption, [CLS] WordPiece [SEP], padded.
+
+  Raises BadDataError naming `where[k]` for a text that is empty after cleaning."""
   ids = np.full((len(texts), max_tokens), tokenizer.pad_id, np.int32)
   atts = np.zeros((len(texts), max_tokens), np.int32)
   cleaned = []
@@ -142,7 +147,7 @@ def load_retrieval_eval(
       texts.append(c)
       text_where.append(where)
       txt2img.append(n)
-  text_ids, text_atts = _encode_texts(texts, text_where, tokenizer, max_tokens, max_words)
+  text_ids, text_atts = encode_texts(texts, text_where, tokenizer, max_tokens, max_words)
   images, _ = load_eval_images(paths, image_res, where=[w for w, _ in recs],
                                exif_transpose=exif_transpose)
   return dict(images=images, text_ids=text_ids, text_atts=text_atts,
@@ -175,7 +180,7 @@ def load_grounding_eval(
       raise BadDataError(f"{where}: 'bbox' must be [x, y, w, h], got {box!r}")
     boxes.append([float(v) for v in box])
   where = [w for w, _ in recs]
-  text_ids, text_atts = _encode_texts(texts, where, tokenizer, max_tokens, max_words)
+  text_ids, text_atts = encode_texts(texts, where, tokenizer, max_tokens, max_words)
   images, sizes = load_eval_images(paths, image_res, where=where, exif_transpose=exif_transpose)
   return dict(images=images, text_ids=text_ids, text_atts=text_atts,
               bbox_xywh=np.asarray(boxes, np.float32).reshape(-1, 4), image_size=sizes)

@@ -1,7 +1,9 @@
 """Per-record processing: a raw record -> one training example, or a `BadExample` to be skipped.
 
 Image-text example (R = image_res, L = max_tokens, M = max_masks):
-  image [R, R, 3] f32; text_ids, text_atts, text_ids_masked [L] i32; masked_pos, masked_ids [M] i32.
+  image [R, R, 3] f32; text_ids, text_atts, text_ids_masked [L] i32; masked_pos, masked_ids [M] i32;
+  image_idx i32: a stable 31-bit hash of the record's image_id (or of its image path), so that
+  retrieval fine-tuning can tell captions of the same image apart from negatives.
   Transform: RandomResizedCrop(scale=(crop_scale_min, 1), ratio 3/4..4/3, bicubic) -> horizontal
   flip (p = hflip_prob; "left"/"right" swapped in the caption unless swap_left_right_on_flip is
   False) -> RandAugment(N, M) with colour and geometric ops -> CLIP normalisation.
@@ -14,6 +16,11 @@ Region example (one image, REFERENCE_DETAILED §3.3):
   target [0.5, 0.5, 1, 1], is_image = 1; elements whose clipped-area / area <= min_perc_in_image
   are dropped.
 
+Grounding example (RefCOCO-style `{"image", "text", "bbox"}` record, fine-tuning):
+  image [R, R, 3] f32, text fields [L] i32, target_bbox [4] f32. Processed as a region record
+  with one element and no image caption: random crop keeping the box, flip (text rewritten),
+  resize, colour-only RandAugment.
+
 Bad records (missing / undecodable image, malformed JSON, empty caption, no valid box) become
 `BadExample(where, reason)` and are logged with `logging.warning`; bad elements inside a good
 region record are dropped and reported in one warning.
@@ -23,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Any, Sequence
@@ -111,6 +119,12 @@ def _pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:
   return values[int(rng.integers(0, len(values)))]
 
 
+def stable_id(value: Any) -> int:
+  """A process-independent 31-bit integer for an image id (str / int / anything printable)."""
+  digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=4).digest()
+  return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 class _Processor:
   """Shared parts: config, text encoder, error capture. Subclasses implement `process`."""
 
@@ -165,6 +179,7 @@ class ImageTextProcessor(_Processor):
   def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
     super().__init__(cfg, cfg.image_text, image_res, patch_size, encoder)
     self.crop_scale = (float(cfg.image_text.crop_scale_min), 1.0)
+    self.image_id_key = cfg.image_text.image_id_key
 
   def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
     errors: list[str] = []
@@ -185,6 +200,10 @@ class ImageTextProcessor(_Processor):
                                    image_ops.ALL_OPS)
     out = self.encoder(caption, rng)
     out["image"] = image_ops.normalize(img)
+    image_id = rec.get(self.image_id_key)
+    if image_id is None:
+      image_id = rec.get(self.image_key, where)  # base64 images without an id: the record itself
+    out["image_idx"] = np.int32(stable_id(image_id))
     return out
 
 
@@ -291,6 +310,30 @@ class RegionProcessor(_Processor):
     if not pairs:
       raise BadRecordError("no region-text pair survived the crop")
     return {"image": image_ops.normalize(img), "pairs": pairs}
+
+
+class GroundingProcessor(RegionProcessor):
+  """`{"image", "text", "bbox"}` record -> grounding example (image, text fields, target_bbox)."""
+
+  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
+    _Processor.__init__(self, cfg, cfg.grounding, image_res, patch_size, encoder)
+    self.max_regions = 1
+    self.min_perc = float(cfg.grounding.min_perc_in_image)
+    self.region_crop = bool(cfg.grounding.random_crop)
+
+  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
+    text, box = rec.get(self.caption_key), rec.get("bbox")
+    if not isinstance(text, str):
+      raise BadRecordError(f"{self.caption_key!r} must be a string, found {text!r:.80}")
+    if not isinstance(box, list) or len(box) != 4:
+      raise BadRecordError(f"'bbox' must be [x, y, w, h], found {box!r:.80}")
+    # One element and no image-level caption: the region path crops, flips and scales the box.
+    region_rec = {k: v for k, v in rec.items() if k not in (self.caption_key, "bbox")}
+    region_rec["elems"] = [{"bbox": box, "caption": text}]
+    region = super().process(where, region_rec, rng)
+    pair = region["pairs"][0]
+    keys = ("text_ids", "text_atts", "target_bbox")
+    return {"image": region["image"], **{k: pair[k] for k in keys}}
 
 
 def is_bad(example: Any) -> bool:

@@ -12,7 +12,8 @@ pulling until the batch is full -> `mp_prefetch` (num_workers > 0) or thread pre
 
 Image-text batch (B = image_text.batch_size, R = image_res, L = max_tokens, M = max_masks):
   image [B, R, R, 3] f32 (NHWC, CLIP-normalised); text_ids, text_atts, text_ids_masked [B, L] i32;
-  masked_pos [B, M] i32 (pad 0); masked_ids [B, M] i32 (pad -100).
+  masked_pos [B, M] i32 (pad 0); masked_ids [B, M] i32 (pad -100); image_idx [B] i32 (a hash of
+  the image id: equal for captions of the same image; used by retrieval fine-tuning).
 Region batch (N = regions.max_images, Rb = regions.batch_size, P = (R / patch_size)^2):
   image [N, R, R, 3] f32; idx_to_group_img [Rb] i32; image_atts [Rb, 1+P] i32;
   text_ids, text_atts, text_ids_masked [Rb, L] i32; masked_pos, masked_ids [Rb, M] i32;
@@ -21,7 +22,9 @@ Region batch (N = regions.max_images, Rb = regions.batch_size, P = (R / patch_si
   fewer, all are kept and the rest is padded by repeating random pairs. pair_id is the index of a
   pair in the flattened list, so a repeated pair has the same pair_id as its original (the loss
   must not treat duplicates as each other's negatives).
-Both also carry num_bad_records [] i32 (records skipped for this batch) and num_records [] i32
+Grounding batch (B = grounding.batch_size): image [B, R, R, 3] f32; text_ids, text_atts [B, L] i32;
+  target_bbox [B, 4] f32.
+All three also carry num_bad_records [] i32 (records skipped for this batch) and num_records [] i32
 (records consumed for this batch, bad ones included); sum them over batches.
 
 A record that cannot be used is logged (`logging.warning` with file:line and reason) and skipped.
@@ -63,6 +66,17 @@ def collate_image_text(examples: Sequence[dict], rng: np.random.Generator | None
   del rng
   batch = _text_fields(examples)
   batch["image"] = np.stack([e["image"] for e in examples]).astype(np.float32)
+  batch["image_idx"] = np.array([e["image_idx"] for e in examples], np.int32)
+  return batch
+
+
+def collate_grounding(examples: Sequence[dict], rng: np.random.Generator | None = None) -> dict:
+  """Grounding examples -> batch (see the module docstring). `rng` is unused."""
+  del rng
+  batch = {k: np.stack([e[k] for e in examples]).astype(np.int32)
+           for k in ("text_ids", "text_atts")}
+  batch["image"] = np.stack([e["image"] for e in examples]).astype(np.float32)
+  batch["target_bbox"] = np.stack([e["target_bbox"] for e in examples]).astype(np.float32)
   return batch
 
 
@@ -268,3 +282,21 @@ def make_region_iterator(
   processor = examples_lib.RegionProcessor(cfg, image_res, patch_size, encoder)
   return _make_iterator(cfg, cfg.regions, processor, int(cfg.regions.max_images),
                         RegionCollate(cfg.regions.batch_size), seed, shard_index, shard_count)
+
+
+def make_grounding_iterator(
+    cfg,
+    *,
+    image_res: int,
+    patch_size: int,
+    seed: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    tokenizer: text_lib.Tokenizer | None = None,
+) -> grain.DatasetIterator:
+  """Infinite iterator of grounding batches (module docstring); `seed=None` uses cfg.seed."""
+  seed = cfg.seed if seed is None else seed
+  encoder = text_lib.TextEncoder.from_config(cfg, tokenizer)
+  processor = examples_lib.GroundingProcessor(cfg, image_res, patch_size, encoder)
+  return _make_iterator(cfg, cfg.grounding, processor, int(cfg.grounding.batch_size),
+                        collate_grounding, seed, shard_index, shard_count)

@@ -13,8 +13,9 @@ Record formats (the JSON objects):
                "elems": [{"bbox" (or "bb"): [x, y, w, h] pixels, "caption": str | [str],
                           "attributes": optional str | [str]}, ...]}
 
-`make_source(files)` expands globs and concatenates JSONL (any other suffix), ArrayRecord
-(`*.array_record`, `*.arrayrecord`, `*.array_record-*`) and TFDS (`tfds:name:split`) entries.
+`make_source(files)` expands globs and concatenates JSONL (any other suffix), JSON-list files (a
+`*.json` file holding one array of records, as the reference's fine-tuning annotations are),
+ArrayRecord (`*.array_record`, `*.arrayrecord`, `*.array_record-*`) and TFDS (`tfds:name:split`).
 Sources are picklable (file handles are reopened lazily in each process).
 """
 from __future__ import annotations
@@ -136,6 +137,58 @@ class JsonlSource:
         os.close(fd)
     except Exception:  # pylint: disable=broad-except  (interpreter shutdown, already closed)
       pass
+
+
+def is_json_list(path: str) -> bool:
+  """A `.json` file whose first non-blank character opens an array."""
+  if not path.lower().endswith(".json"):
+    return False
+  with open(path, "rb") as f:
+    head = f.read(4096).lstrip()
+  return head.startswith(b"[")
+
+
+class JsonListSource:
+  """The records of one or more `.json` files each holding a JSON array (loaded on first use)."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = [os.fspath(p) for p in paths]
+    self._records: list[list[Any]] | None = None
+    self._cum = [0]
+    for records in self._load():
+      self._cum.append(self._cum[-1] + len(records))
+
+  def _load(self) -> list[list[Any]]:
+    if self._records is None:
+      loaded = []
+      for p in self.paths:
+        with open(p, "rb") as f:
+          try:
+            data = json.load(f)
+          except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadDataError(f"{p}: not a JSON array of records ({e})") from e
+        if not isinstance(data, list):
+          raise BadDataError(f"{p}: expected a JSON array of records, found {type(data).__name__}")
+        loaded.append(data)
+      self._records = loaded
+    return self._records
+
+  def __len__(self) -> int:
+    return self._cum[-1]
+
+  def __getstate__(self):
+    return dict(self.__dict__, _records=None)  # workers reload instead of pickling the lists
+
+  def __getitem__(self, index: int) -> RawRecord:
+    k = bisect.bisect_right(self._cum, index) - 1
+    item = self._load()[k][index - self._cum[k]]
+    where = f"{self.paths[k]}:item {index - self._cum[k]}"
+    if not isinstance(item, dict):
+      return RawRecord(where, json.dumps(item).encode("utf-8"))  # parse_record names the problem
+    return RawRecord(where, item)
+
+  def __repr__(self) -> str:
+    return f"JsonListSource({self.paths!r}, {len(self)} records)"
 
 
 class ArrayRecordSource:
@@ -270,7 +323,8 @@ def make_source(files: Sequence[str], tfds_data_dir: str = "") -> Any:
 
   def flush():
     if run:
-      sources.append(ArrayRecordSource(run) if run_kind == "ar" else JsonlSource(run))
+      kinds = {"ar": ArrayRecordSource, "json": JsonListSource, "jsonl": JsonlSource}
+      sources.append(kinds[run_kind](run))
 
   for p in paths:
     if p.startswith("tfds:"):
@@ -281,7 +335,7 @@ def make_source(files: Sequence[str], tfds_data_dir: str = "") -> Any:
         raise ValueError(f"TFDS entry must be 'tfds:name:split', got {p!r}")
       sources.append(TfdsSource(parts[1], parts[2], data_dir=tfds_data_dir or None))
       continue
-    kind = "ar" if _is_array_record(p) else "jsonl"
+    kind = "ar" if _is_array_record(p) else "json" if is_json_list(p) else "jsonl"
     if kind != run_kind:
       flush()
       run, run_kind = [], kind

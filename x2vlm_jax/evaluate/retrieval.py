@@ -130,7 +130,7 @@ def make_retrieval_fns(model, mesh: Mesh | None = None) -> dict[str, Callable[..
     encode_texts(params, ids [B, L], atts [B, L]) -> (embeds [B, L, H], feat [B, E])
     similarities(image_feat [N_img, E], text_feat [N_txt, E]) -> [N_img, N_txt] float32
     pair_itm(params, image_embeds [N_img, 1+N, D], text_embeds [N_txt, L, H], text_atts
-             [N_txt, L], img_idx [P], txt_idx [P]) -> [P] float32 raw ITM class-1 logits
+             [N_txt, L], img_idx [P], txt_idx [P]) -> [P, 2] float32 raw ITM logits (1 = match)
   """
   out_repl = {} if mesh is None else dict(out_shardings=sharding_lib.replicated(mesh))
 
@@ -167,8 +167,8 @@ def make_retrieval_fns(model, mesh: Mesh | None = None) -> dict[str, Callable[..
     def f(m, v, va, t, ta):
       return m.itm_logits(m.fuse(v, va, t, ta))
 
-    logits = model.apply({"params": params}, vision, vision_atts, text, atts, method=f)
-    return logits[:, 1].astype(jnp.float32)
+    return model.apply({"params": params}, vision, vision_atts, text, atts,
+                       method=f).astype(jnp.float32)
 
   return dict(encode_images=jax.jit(encode_images), encode_texts=jax.jit(encode_texts),
               similarities=jax.jit(similarities, **out_repl),
@@ -251,8 +251,9 @@ def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: in
   log_fn(f"retrieval: encoded {n_img} images and {n_txt} texts in {time.monotonic() - t0:.1f}s")
 
   def pair_score_fn(img_idx, txt_idx):
-    return fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
-                           _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
+    logits = fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
+                             _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
+    return logits[:, 1]  # the reference re-ranks by the raw class-1 logit
 
   scores = {}
   for direction in ("i2t", "t2i"):
