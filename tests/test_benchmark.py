@@ -1,0 +1,184 @@
+"""tools/benchmark.py and x2vlm_jax/flops.py: hand-counted FLOPs, XLA's count, the CLI's JSON line,
+and synthetic batches shaped exactly like the pipeline's."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from x2vlm_jax import flops, objectives
+from x2vlm_jax.configs_loader import load_config
+from x2vlm_jax.data import demo, pipeline
+from x2vlm_jax.models import x2vlm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location("benchmark_tool",
+                                                os.path.join(ROOT, "tools", "benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _xla_flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def _abstract_params(model):
+  return jax.eval_shape(lambda: nn.meta.unbox(
+      model.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(model))["params"]))
+
+
+def test_vit_flops_match_a_hand_count_and_xla():
+  config = tiny.get_config("model.vision_depth=1")
+  m = config.model
+  assert (m.image_res, m.patch_size, m.vision_width, m.vision_mlp_dim) == (32, 16, 32, 64)
+  images = 2
+  # 2 images of (32/16)^2 = 4 patches + cls = 5 tokens, width D = 32, MLP F = 64, patch 16x16x3.
+  patch_embed = 2 * (2 * 4) * 32 * (16 * 16 * 3)  # 393,216
+  qkv = 2 * (2 * 5) * (3 * 32) * 32  # 61,440
+  scores_and_weighted_sum = 2 * (2 * 2 * 5 * 5 * 32)  # 6,400 (all heads together)
+  proj = 2 * (2 * 5) * 32 * 32  # 20,480
+  mlp = 2 * (2 * (2 * 5) * 64 * 32)  # 81,920
+  hand = patch_embed + qkv + scores_and_weighted_sum + proj + mlp
+  assert hand == 563_456
+  assert flops.vit_flops(m, images) == hand
+  assert flops.vit_block_flops(m, images) == qkv + scores_and_weighted_sum + proj + mlp
+
+  model = x2vlm.build_model(m)
+  params = _abstract_params(model)
+  image_spec = jax.ShapeDtypeStruct((images, m.image_res, m.image_res, 3), jnp.float32)
+  xla = _xla_flops(lambda p, x: model.apply({"params": p}, x, method=x2vlm.X2VLM.encode_image),
+                   params, image_spec)
+  assert 0.5 < xla / hand < 2.0, (xla, hand)
+
+
+def test_objective_forward_flops_are_near_xla_and_training_is_three_forwards():
+  config = tiny.get_config("train.image_text_weight=0.0")
+  sizes = flops.batch_kind_sizes(config, ("regions",))
+  analytic = flops.forward_flops(config.model, sizes)
+  parts = flops.objective_forward_breakdown(config.model, "regions", sizes["regions"])
+  assert analytic == sum(parts.values())
+  assert flops.train_step_flops(config.model, sizes) == 3 * analytic
+  # The fusion stack runs 3x for ITM (positives, negative images, negative texts) and once for
+  # the box head; MLM re-runs the text stack.
+  assert parts["itm_fusion"] == 3 * parts["box_fusion"]
+  assert parts["mlm_encoder"] == parts["text_encoder"] + parts["box_fusion"]
+
+  bench = _benchmark_module()
+  batch = bench.synthetic_batch(config, "regions", np.random.default_rng(0))
+  batch = {k: v for k, v in batch.items() if k not in ("num_bad_records", "num_records")}
+  model = x2vlm.build_model(config.model)
+  xla = _xla_flops(lambda p, b: model.apply({"params": p}, b, jax.random.PRNGKey(0),
+                                            method=objectives.region_objective),
+                   _abstract_params(model), batch)
+  assert 0.5 < xla / analytic < 2.0, (xla, analytic)
+
+
+def test_benchmark_cli_prints_one_json_line():
+  # Regions only (like configs/bench_small.py) keeps the compile short; the persistent cache the
+  # other tests use makes a re-run cheaper still.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+  proc = subprocess.run(
+      [sys.executable, "tools/benchmark.py", "--config",
+       "configs/tiny.py:train.image_text_weight=0.0", "--steps", "2", "--warmup", "1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [line for line in proc.stdout.splitlines() if line.strip()]
+  assert len(lines) == 1, proc.stdout
+  result = json.loads(lines[0])
+  for key in ("config", "batch", "steps", "examples_per_s", "step_time_median_s",
+              "step_time_p90_s", "compile_time_s", "flops_per_step", "tflops_per_s", "mfu",
+              "peak_memory_bytes", "device_kind", "jax_version", "date"):
+    assert key in result, key
+  assert result["examples_per_s"] > 0 and result["tflops_per_s"] > 0
+  assert result["batch"] == 8 and result["steps"] == 2
+  assert result["step_time_p90_s"] >= result["step_time_median_s"] > 0
+  assert result["mfu"] is None  # no peak is known for a CPU
+  assert result["peak_memory_bytes"] > 0
+  assert np.isfinite(result["loss"])
+  config = tiny.get_config("train.image_text_weight=0.0")
+  assert result["flops_per_step"] == flops.train_step_flops(
+      config.model, flops.batch_kind_sizes(config, ("regions",)))
+
+
+def test_peak_table():
+  bench = _benchmark_module()
+  assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert bench.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+  assert bench.peak_tflops("TPU v5", "bfloat16") == 459.0
+  assert bench.peak_tflops("cpu", "float32") is None
+
+
+def test_fine_tuning_kinds_count_what_their_objectives_run():
+  config = tiny.get_config()
+  m = config.model
+  sizes = flops.BatchSizes(images=8, texts=8, text_len=12, masks=3)
+  pre = flops.objective_forward_breakdown(m, "image_text", sizes)
+  retrieval = flops.objective_forward_breakdown(m, "retrieval", sizes)
+  assert retrieval == {k: v for k, v in pre.items() if not k.startswith("mlm")}
+  grounding = flops.objective_forward_breakdown(m, "grounding", sizes)
+  assert sorted(grounding) == ["box_fusion", "box_head", "text_encoder", "vit"]
+  assert grounding["box_fusion"] * 3 == pre["itm_fusion"]
+  with pytest.raises(ValueError):
+    flops.objective_forward_breakdown(m, "vqa", sizes)
+
+
+@pytest.fixture(scope="module")
+def demo_config(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("bench_demo"))
+  paths = demo.make_demo_data(out, num_train=16, num_val=2, image_size=96, seed=0)
+  config = load_config(f"configs/demo.py:quick,data_dir={out}")
+  config.unlock()
+  config.data.grounding.files = (paths["val_grounding"],)  # same record format as training
+  config.data.grounding.image_root = out
+  config.data.grounding.batch_size = 4
+  config.lock()
+  return config
+
+
+@pytest.mark.parametrize("kind", ["image_text", "regions", "retrieval", "grounding"])
+def test_synthetic_batch_is_shaped_like_a_pipeline_batch(demo_config, kind):
+  config = demo_config
+  makers = {"image_text": pipeline.make_image_text_iterator,
+            "regions": pipeline.make_region_iterator,
+            "retrieval": pipeline.make_image_text_iterator,
+            "grounding": pipeline.make_grounding_iterator}
+  real = next(makers[kind](config.data, image_res=config.model.image_res,
+                           patch_size=config.model.patch_size, seed=0))
+  synthetic = _benchmark_module().synthetic_batch(config, kind, np.random.default_rng(0))
+  assert sorted(synthetic) == sorted(real)
+  for key in real:
+    assert (synthetic[key].shape, synthetic[key].dtype) == (real[key].shape, real[key].dtype), key
+
+  # And the values follow the pipeline's conventions.
+  atts, ids = synthetic["text_atts"], synthetic["text_ids"]
+  lengths = atts.sum(1)
+  assert np.array_equal(atts, (np.arange(atts.shape[1]) < lengths[:, None]).astype(np.int32))
+  assert np.all(ids[atts == 0] == 0) and np.all(ids[:, 0] == 2)
+  assert np.all(ids < config.model.vocab_size)
+  if kind == "grounding":
+    box = synthetic["target_bbox"]
+    assert np.all((box > 0) & (box <= 1))
+    return
+  padded = synthetic["masked_ids"] == -100
+  assert np.all(synthetic["masked_pos"][padded] == 0) and not padded[:, 0].any()
+  assert np.all(synthetic["masked_pos"] < lengths[:, None])
+  if kind == "regions":
+    assert np.all(synthetic["image_atts"][:, 0] == 1)
+    assert np.all(synthetic["idx_to_group_img"] < synthetic["image"].shape[0])
+    box = synthetic["target_bbox"]
+    assert np.all((box > 0) & (box <= 1)) and np.all(box[:, :2] + box[:, 2:] / 2 <= 1 + 1e-6)

@@ -1,0 +1,242 @@
+"""Analytic FLOP count of X2-VLM pre-training steps, from the model config and the batch sizes.
+
+Conventions:
+  * Only matrix multiplications are counted, at 2·m·n·k FLOPs for an [m, k] x [k, n] product
+    (convolutions likewise: the patch embedding is a matmul of the flattened patches).
+    LayerNorm, softmax, GELU, biases, residuals, dropout, embedding gathers, losses and the
+    optimizer update are not counted (they are O(activations) or O(params), a few per cent for
+    these model sizes).
+  * Attention is counted densely over the padded lengths (masks do not remove work): scores
+    Q·Kᵀ = 2·T·S·D and the weighted sum P·V = 2·T·S·D per sequence (D = heads · head_dim).
+  * One training step = 3 x the forward FLOPs (the backward pass costs about twice the forward:
+    one matmul for the input gradient and one for the weight gradient per forward matmul). This is
+    the usual "model FLOPs" convention for MFU; it does NOT add the extra forward of
+    rematerialisation (`model.remat`), nor remove the work the backward skips (no gradient for
+    the input images, none through the hard-negative sampling).
+
+What one objective runs (x2vlm_jax/objectives.py), with V = vision rows, T = texts, L = text
+length, S = 1 + (image_res / patch)^2 vision tokens, M = masked positions:
+
+  image_text: ViT on B images; text layers on B texts; vision_proj + text_proj on B rows;
+    ITC logits [B, B] and the hard-negative similarity [B, B]; the fusion layers on 3B rows
+    (positives, negative image, negative text) + the ITM head on 3B [CLS] rows; MLM = embeddings +
+    text layers + fusion layers on the B masked texts, then the MLM head on the B·M masked
+    positions only (`X2VLM.mlm_logits` gathers them before the transform and the tied decoder).
+  regions: ViT on N_img images (once per image; regions are pooled from patches, not re-encoded);
+    the same as above with B = R region texts; plus the fusion layers once more on R rows (whole
+    image vs. the text) and the box head on R [CLS] rows.
+  retrieval (fine-tuning): image_text without MLM (ITC + ITM only).
+  grounding (fine-tuning): ViT on B images, text layers on B texts, the fusion layers once on B
+    rows and the box head on B [CLS] rows (no ITC, ITM or MLM).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+  """Sizes of one batch kind.
+
+  images: images through the ViT (image-text, retrieval, grounding: B; regions: N_img =
+    regions.max_images).
+  texts: texts / rows of the losses (B; regions: R = regions.batch_size).
+  text_len: L (data.max_tokens). masks: M (data.max_masks).
+  """
+  images: int
+  texts: int
+  text_len: int
+  masks: int
+
+
+def _get(cfg: Any, name: str) -> Any:
+  """A field of a ConfigDict / X2VLM module (attributes) or a plain dict."""
+  return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+  """[m, k] @ [k, n]: 2·m·n·k."""
+  return 2 * m * n * k
+
+
+def vision_tokens(model_cfg) -> int:
+  """S = 1 + (image_res / patch_size)^2: the cls slot plus one token per patch."""
+  grid = _get(model_cfg, "image_res") // _get(model_cfg, "patch_size")
+  return 1 + grid * grid
+
+
+# ------------------------------------------------------------------------------------ vision
+def patch_embed_flops(model_cfg, images: int) -> int:
+  """Patch embedding conv (p x p x 3 -> D, stride p) on `images` images: 2·N·P·(3p²)·D."""
+  p = _get(model_cfg, "patch_size")
+  patches = vision_tokens(model_cfg) - 1
+  return matmul_flops(images * patches, _get(model_cfg, "vision_width"), 3 * p * p)
+
+
+def attention_core_flops(batch: int, query_len: int, key_len: int, width: int) -> int:
+  """Scores Q·Kᵀ plus the weighted sum P·V over all heads: 2 x 2·B·T·S·D."""
+  return 2 * matmul_flops(batch * query_len, key_len, width)
+
+
+def vit_block_flops(model_cfg, images: int) -> int:
+  """One BEiT block on `images` images of S tokens: qkv (D -> 3D), attention scores + weighted
+  sum, output projection (D -> D), MLP (D -> F -> D)."""
+  d, f = _get(model_cfg, "vision_width"), _get(model_cfg, "vision_mlp_dim")
+  rows = images * vision_tokens(model_cfg)
+  return (matmul_flops(rows, 3 * d, d)
+          + attention_core_flops(images, vision_tokens(model_cfg), vision_tokens(model_cfg), d)
+          + matmul_flops(rows, d, d)
+          + 2 * matmul_flops(rows, f, d))
+
+
+def vit_flops(model_cfg, images: int) -> int:
+  """The vision encoder on `images` images: patch embedding + `vision_depth` blocks."""
+  return (patch_embed_flops(model_cfg, images)
+          + _get(model_cfg, "vision_depth") * vit_block_flops(model_cfg, images))
+
+
+# ------------------------------------------------------------------------------------ text
+def _ffn_flops(model_cfg, rows: int) -> int:
+  h, f = _get(model_cfg, "text_width"), _get(model_cfg, "text_mlp_dim")
+  return 2 * matmul_flops(rows, f, h)
+
+
+def self_attention_flops(model_cfg, texts: int, text_len: int) -> int:
+  """BERT self-attention on `texts` sequences of L tokens: q, k, v (H -> H each), scores +
+  weighted sum, output dense (H -> H)."""
+  h = _get(model_cfg, "text_width")
+  rows = texts * text_len
+  return (3 * matmul_flops(rows, h, h) + attention_core_flops(texts, text_len, text_len, h)
+          + matmul_flops(rows, h, h))
+
+
+def cross_attention_flops(model_cfg, texts: int, text_len: int, vision_len: int) -> int:
+  """Cross-attention of L text tokens to S vision tokens, per sequence: query (H -> H),
+  key/value on the vision tokens (Dv -> H each), scores + weighted sum (L x S), output dense."""
+  h, dv = _get(model_cfg, "text_width"), _get(model_cfg, "vision_width")
+  rows = texts * text_len
+  return (matmul_flops(rows, h, h) + 2 * matmul_flops(texts * vision_len, h, dv)
+          + attention_core_flops(texts, text_len, vision_len, h) + matmul_flops(rows, h, h))
+
+
+def text_layer_flops(model_cfg, texts: int, text_len: int) -> int:
+  """One text-only BERT layer: self-attention + FFN (H -> F -> H)."""
+  return self_attention_flops(model_cfg, texts, text_len) + _ffn_flops(model_cfg, texts * text_len)
+
+
+def fusion_layer_flops(model_cfg, texts: int, text_len: int, vision_len: int) -> int:
+  """One fusion layer: self-attention + cross-attention to the vision tokens + FFN."""
+  return (self_attention_flops(model_cfg, texts, text_len)
+          + cross_attention_flops(model_cfg, texts, text_len, vision_len)
+          + _ffn_flops(model_cfg, texts * text_len))
+
+
+def text_encoder_flops(model_cfg, texts: int, text_len: int) -> int:
+  """`encode_text`: the `text_layers` text-only layers (embedding lookups are gathers: 0)."""
+  return _get(model_cfg, "text_layers") * text_layer_flops(model_cfg, texts, text_len)
+
+
+def fusion_flops(model_cfg, texts: int, text_len: int, vision_len: int) -> int:
+  """`fuse`: the `fusion_layers` fusion layers on `texts` (text, vision) pairs."""
+  return _get(model_cfg, "fusion_layers") * fusion_layer_flops(model_cfg, texts, text_len,
+                                                               vision_len)
+
+
+# ------------------------------------------------------------------------------------ heads
+def projection_flops(model_cfg, rows: int) -> int:
+  """ITC features: vision_proj (Dv -> E) and text_proj (H -> E) on `rows` [CLS] rows each."""
+  e = _get(model_cfg, "embed_dim")
+  return (matmul_flops(rows, e, _get(model_cfg, "vision_width"))
+          + matmul_flops(rows, e, _get(model_cfg, "text_width")))
+
+
+def contrastive_flops(model_cfg, rows: int) -> int:
+  """ITC logits [B, B] and the hard-negative similarity [B, B] (computed again, no gradient)."""
+  return 2 * matmul_flops(rows, rows, _get(model_cfg, "embed_dim"))
+
+
+def mlp_head_flops(model_cfg, rows: int, outputs: int) -> int:
+  """`MlpHead` (ITM: 2 outputs, box: 4) on `rows` fused [CLS] rows: H -> 2H -> outputs."""
+  h = _get(model_cfg, "text_width")
+  return matmul_flops(rows, 2 * h, h) + matmul_flops(rows, outputs, 2 * h)
+
+
+def mlm_head_flops(model_cfg, texts: int, masks: int) -> int:
+  """MLM head on the gathered masked positions only (texts x M rows): transform (H -> H) and
+  the tied decoder (H -> vocab)."""
+  h, v = _get(model_cfg, "text_width"), _get(model_cfg, "vocab_size")
+  rows = texts * masks
+  return matmul_flops(rows, h, h) + matmul_flops(rows, v, h)
+
+
+# ------------------------------------------------------------------------------------ objectives
+KINDS = ("image_text", "regions", "retrieval", "grounding")
+
+
+def objective_forward_breakdown(model_cfg, kind: str, sizes: BatchSizes) -> dict[str, int]:
+  """Forward FLOPs of one batch kind's objective (one of `KINDS`), per component."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
+  b, L, s = sizes.texts, sizes.text_len, vision_tokens(model_cfg)
+  if kind == "grounding":
+    return {
+        "vit": vit_flops(model_cfg, sizes.images),
+        "text_encoder": text_encoder_flops(model_cfg, b, L),
+        "box_fusion": fusion_flops(model_cfg, b, L, s),
+        "box_head": mlp_head_flops(model_cfg, b, 4),
+    }
+  out = {
+      "vit": vit_flops(model_cfg, sizes.images),
+      "text_encoder": text_encoder_flops(model_cfg, b, L),
+      "itc": projection_flops(model_cfg, b) + contrastive_flops(model_cfg, b),
+      "itm_fusion": fusion_flops(model_cfg, 3 * b, L, s),
+      "itm_head": mlp_head_flops(model_cfg, 3 * b, 2),
+      # MLM re-runs the whole text stack on the masked ids, cross-attending to the vision tokens.
+      "mlm_encoder": (text_encoder_flops(model_cfg, b, L) + fusion_flops(model_cfg, b, L, s)),
+      "mlm_head": mlm_head_flops(model_cfg, b, sizes.masks) if _mlm_head(model_cfg) else 0,
+  }
+  if kind == "retrieval":
+    del out["mlm_encoder"], out["mlm_head"]
+  if kind == "regions":
+    out["box_fusion"] = fusion_flops(model_cfg, b, L, s)
+    out["box_head"] = mlp_head_flops(model_cfg, b, 4)
+  return out
+
+
+def _mlm_head(model_cfg) -> bool:
+  try:
+    return bool(_get(model_cfg, "mlm_head"))
+  except (AttributeError, KeyError):
+    return True
+
+
+def forward_flops(model_cfg, batch_kind_sizes: Mapping[str, BatchSizes]) -> int:
+  """Forward FLOPs of one step: the sum over its batch kinds ({kind: BatchSizes})."""
+  return sum(sum(objective_forward_breakdown(model_cfg, kind, sizes).values())
+             for kind, sizes in batch_kind_sizes.items())
+
+
+def train_step_flops(model_cfg, batch_kind_sizes: Mapping[str, BatchSizes]) -> int:
+  """FLOPs of one optimizer step: 3 x `forward_flops` (forward + backward, see the module doc)."""
+  return 3 * forward_flops(model_cfg, batch_kind_sizes)
+
+
+def batch_kind_sizes(config, kinds: tuple[str, ...]) -> dict[str, BatchSizes]:
+  """{kind: BatchSizes} of a full config (`config.data`) for the given batch kinds."""
+  d = config.data
+  out = {}
+  for kind in kinds:
+    if kind in ("image_text", "retrieval"):  # both read image_text batches
+      b = d.image_text.batch_size
+      out[kind] = BatchSizes(images=b, texts=b, text_len=d.max_tokens,
+                             masks=d.max_masks if kind == "image_text" else 0)
+    elif kind == "regions":
+      out[kind] = BatchSizes(images=d.regions.max_images, texts=d.regions.batch_size,
+                             text_len=d.max_tokens, masks=d.max_masks)
+    elif kind == "grounding":
+      b = d.grounding.batch_size
+      out[kind] = BatchSizes(images=b, texts=b, text_len=d.max_tokens, masks=0)
+    else:
+      raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
+  return out
