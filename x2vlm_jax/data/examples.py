@@ -210,11 +210,14 @@ class ImageTextProcessor(_Processor):
 class RegionProcessor(_Processor):
   """Raw region record -> region example (image + list of region-text pairs)."""
 
-  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
-    super().__init__(cfg, cfg.regions, image_res, patch_size, encoder)
-    self.max_regions = int(cfg.regions.max_regions)
-    self.min_perc = float(cfg.regions.min_perc_in_image)
-    self.region_crop = bool(cfg.regions.random_crop)
+  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder,
+               sub=None):
+    """sub: the dataset's sub-config (default `cfg.regions`); without `max_regions`, one pair."""
+    sub = cfg.regions if sub is None else sub
+    super().__init__(cfg, sub, image_res, patch_size, encoder)
+    self.max_regions = int(sub.get("max_regions", 1))
+    self.min_perc = float(sub.min_perc_in_image)
+    self.region_crop = bool(sub.random_crop)
 
   def _elem_texts(self, elem: dict) -> tuple[list[str], list[str]]:
     captions = _as_text_list(elem.get("caption"))
@@ -316,10 +319,7 @@ class GroundingProcessor(RegionProcessor):
   """`{"image", "text", "bbox"}` record -> grounding example (image, text fields, target_bbox)."""
 
   def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
-    _Processor.__init__(self, cfg, cfg.grounding, image_res, patch_size, encoder)
-    self.max_regions = 1
-    self.min_perc = float(cfg.grounding.min_perc_in_image)
-    self.region_crop = bool(cfg.grounding.random_crop)
+    super().__init__(cfg, image_res, patch_size, encoder, sub=cfg.grounding)
 
   def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
     text, box = rec.get(self.caption_key), rec.get("bbox")
