@@ -239,15 +239,25 @@ def save_params(directory: str | os.PathLike, params: Any, *, overwrite: bool = 
   checkpointer.close()
 
 
-def load_any_params(directory: str | os.PathLike) -> Any:
-  """Host numpy params from a params dir (`save_params`, tools/convert_checkpoint.py), a training
-  workdir (its latest checkpoint), or a training workdir's `checkpoints/` directory."""
+def training_checkpoints(directory: str | os.PathLike) -> str | None:
+  """The `Checkpointer` directory of a training workdir (`DIR/checkpoints`) or of `DIR` itself
+  when it holds step directories; None for anything else (e.g. a params dir)."""
   directory = os.path.abspath(os.fspath(directory))
   for ckpt_dir in (os.path.join(directory, "checkpoints"), directory):
     if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-      with Checkpointer(ckpt_dir, async_save=False) as checkpointer:
-        return checkpointer.restore_params()
-  return load_params(directory)
+      return ckpt_dir
+  return None
+
+
+def load_any_params(directory: str | os.PathLike) -> tuple[Any, int]:
+  """(host numpy params, step) from a params dir (`save_params`, tools/convert_checkpoint.py;
+  step 0), a training workdir (its latest checkpoint), or a training workdir's `checkpoints/`."""
+  ckpt_dir = training_checkpoints(directory)
+  if ckpt_dir is None:
+    return load_params(directory), 0
+  with Checkpointer(ckpt_dir, async_save=False) as checkpointer:
+    step = checkpointer.latest_step()
+    return checkpointer.restore_params(step), int(step)
 
 
 def load_params(directory: str | os.PathLike, abstract_params: Any = None) -> Any:

@@ -29,27 +29,18 @@ def pretrain(config, workdir: str) -> dict:
 
 
 def load_eval_params(config, checkpoint: str | None, workdir: str):
-  """Params for evaluation: a training checkpoint (latest in a workdir) or an Orbax params dir."""
-  from x2vlm_jax import checkpoint as ckpt_lib, train
+  """(model, params, step) for evaluation from a training workdir (its latest checkpoint) or an
+  Orbax params dir, checked against `config.model` as an init checkpoint is (names and shapes;
+  `config.init.ignore_unexpected` applies and relative-position tables are interpolated to
+  `config.model.image_res`)."""
+  from x2vlm_jax import train
 
   directory = checkpoint or config.eval.checkpoint or workdir
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  if os.path.isdir(ckpt_dir):
-    trainer = train.Trainer.create(config)
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint")
-    logging.info("Evaluating %s step %d", ckpt_dir, step)
-    state = checkpointer.restore(step, trainer.abstract_state)
-    checkpointer.close()
-    return trainer.model, state["params"], step
-  from x2vlm_jax.models import x2vlm
-
-  model = x2vlm.build_model(config.model)
   trainer = train.Trainer.create(config)
-  params = train.load_init_params(trainer, directory, (), config.train.seed)
-  return model, params, 0
+  params, step = train.load_init_params(trainer, directory, (), config.train.seed,
+                                        tuple(config.init.ignore_unexpected), with_step=True)
+  logging.info("Evaluating %s (step %d)", directory, step)
+  return trainer.model, params, step
 
 
 def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict:

@@ -237,8 +237,9 @@ def restore_or_init(trainer: Trainer, checkpointer, iterators, config) -> State:
 
 
 def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str, ...], seed: int,
-                     ignore_unexpected: tuple[str, ...] = ()):
-  """Params from an Orbax params dir, checked against the model before anything compiles.
+                     ignore_unexpected: tuple[str, ...] = (), *, with_step: bool = False):
+  """Params from an Orbax params dir or a training workdir, checked against the model before
+  anything compiles (with `with_step`: (params, the checkpoint's step, 0 for a params dir)).
 
   Names matched by `allow_missing` (fnmatch) may be absent and start fresh; stored names matched by
   `ignore_unexpected` are dropped (e.g. the MLM head when fine-tuning). Relative-position tables
@@ -251,7 +252,8 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
   def matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
-  stored = convert.flatten(checkpoint.load_any_params(directory))
+  stored, step = checkpoint.load_any_params(directory)
+  stored = convert.flatten(stored)
   target = convert.flatten(trainer.abstract_state["params"])
   dropped = [p for p in stored if p not in target and matches(p, ignore_unexpected)]
   for p in dropped:
@@ -278,7 +280,8 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
         jax.random.PRNGKey(seed), *x2vlm.init_inputs(trainer.model))["params"])))
     stored.update({p: fresh[p] for p in missing})
     logging.info("Fresh init for %d params absent from %s: %s", len(missing), directory, missing)
-  return convert.unflatten({p: np.asarray(v, target[p].dtype) for p, v in stored.items()})
+  params = convert.unflatten({p: np.asarray(v, target[p].dtype) for p, v in stored.items()})
+  return (params, step) if with_step else params
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
