@@ -41,6 +41,12 @@ def kind_weights(train_cfg) -> dict[str, float]:
           "retrieval": train_cfg.retrieval_weight, "grounding": train_cfg.grounding_weight}
 
 
+def data_kind(kind: str) -> str:
+  """The `config.data` sub-config (and pipeline) a batch kind reads: retrieval fine-tuning reads
+  image-text records; the others their own."""
+  return {"retrieval": "image_text"}.get(kind, kind)
+
+
 def batch_kinds(train_cfg) -> tuple[str, ...]:
   """The batch kinds that make one optimizer step (those with a non-zero loss weight)."""
   kinds = tuple(k for k, w in kind_weights(train_cfg).items() if w > 0)
@@ -181,11 +187,7 @@ def make_data_iterators(config, kinds: tuple[str, ...]) -> dict[str, Any]:
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   common = dict(image_res=config.model.image_res, patch_size=config.model.patch_size,
                 seed=config.data.seed, **shard)
-  makers = {"image_text": pipeline.make_image_text_iterator,
-            "regions": pipeline.make_region_iterator,
-            "retrieval": pipeline.make_image_text_iterator,
-            "grounding": pipeline.make_grounding_iterator}
-  return {kind: makers[kind](config.data, **common) for kind in kinds}
+  return {kind: pipeline.make_iterator(data_kind(kind), config.data, **common) for kind in kinds}
 
 
 class BadRecordBudget:
@@ -309,12 +311,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       async_save=tcfg.async_checkpoints)
   state = restore_or_init(trainer, checkpointer, iterators, config)
   start = int(jax.device_get(state["step"]))
-  examples_per_step = sum(
-      {"image_text": config.data.image_text.batch_size,
-       "regions": config.data.regions.batch_size,
-       "retrieval": config.data.image_text.batch_size,
-       "grounding": config.data.grounding.batch_size}[k] for k in trainer.kinds
-  ) * jax.process_count()
+  examples_per_step = sum(config.data[data_kind(k)].batch_size
+                          for k in trainer.kinds) * jax.process_count()
   reporter = metrics_lib.ProgressReporter(tcfg.total_steps, examples_per_step,
                                           tcfg.log_every_steps, start_step=start)
   budget = BadRecordBudget(config.data.max_bad_fraction, config.data.min_records_before_abort)

@@ -19,27 +19,17 @@ Records: train `{"image": relpath, "caption": str, "image_id": ...}`, test
 `:large` selects X2-VLM-large.
 """
 from configs import common
+from configs.finetune import coco_retrieval
 
 
 def get_config(arg=None):
-  config = common.finetune_config(common.size_arg(arg), image_res=384)
-  d = config.data
-  d.max_tokens = d.max_words = 40
-  d.image_text.files = ["data/finetune/flickr30k_train.json"]
-  d.image_text.image_root = "data/flickr30k"
-  d.image_text.batch_size = 160  # per host: one host with 8 GPUs = the reference's 8 x 20
-  d.image_text.crop_scale_min = 0.5  # RandomResizedCrop(384, scale=(0.5, 1.0))
-  d.image_text.randaug = True
-  t = config.train
-  t.retrieval_weight = 1.0
-  t.total_steps = 9_070
-  t.log_every_steps = 100
-  t.checkpoint_every_steps = 907  # once per epoch
-  config.optim.lr = 3e-5
-  config.optim.total_steps = t.total_steps
-  e = config.eval
-  e.retrieval_file = "data/finetune/flickr30k_test.json"
-  e.retrieval_image_root = "data/flickr30k"
-  e.k_test = 128
-  e.batch_size = 64
+  config = coco_retrieval.get_config(arg)  # same recipe; Flickr30K data, length and k_test
+  config.unlock()
+  config.data.image_text.files = ["data/finetune/flickr30k_train.json"]
+  config.data.image_text.image_root = "data/flickr30k"
+  config.train.total_steps = config.optim.total_steps = 9_070
+  config.train.checkpoint_every_steps = 907  # once per epoch
+  config.eval.retrieval_file = "data/finetune/flickr30k_test.json"
+  config.eval.retrieval_image_root = "data/flickr30k"
+  config.eval.k_test = 128
   return common.apply_arg(config, None)

@@ -248,7 +248,8 @@ def _make_iterator(cfg, sub, processor, num_good: int, collate: Callable, seed: 
   return iter(ds)
 
 
-def make_image_text_iterator(
+def make_iterator(
+    kind: str,
     cfg,
     *,
     image_res: int,
@@ -258,45 +259,37 @@ def make_image_text_iterator(
     shard_count: int = 1,
     tokenizer: text_lib.Tokenizer | None = None,
 ) -> grain.DatasetIterator:
-  """Infinite iterator of image-text batches (module docstring); `seed=None` uses cfg.seed."""
+  """Infinite iterator of `kind` batches ('image_text', 'regions' or 'grounding'; see the module
+  docstring) read from `cfg.<kind>`; `seed=None` uses cfg.seed."""
+  if kind == "image_text":
+    sub, processor_cls, collate = cfg.image_text, examples_lib.ImageTextProcessor, collate_image_text
+    examples_per_batch = sub.batch_size
+  elif kind == "regions":
+    sub, processor_cls, collate = cfg.regions, examples_lib.RegionProcessor, RegionCollate(
+        cfg.regions.batch_size)
+    examples_per_batch = sub.max_images  # images; their pairs are sampled to batch_size
+  elif kind == "grounding":
+    sub, processor_cls, collate = cfg.grounding, examples_lib.GroundingProcessor, collate_grounding
+    examples_per_batch = sub.batch_size
+  else:
+    raise ValueError(f"unknown batch kind {kind!r}: expected image_text, regions or grounding")
   seed = cfg.seed if seed is None else seed
   encoder = text_lib.TextEncoder.from_config(cfg, tokenizer)
-  processor = examples_lib.ImageTextProcessor(cfg, image_res, patch_size, encoder)
-  return _make_iterator(cfg, cfg.image_text, processor, int(cfg.image_text.batch_size),
-                        collate_image_text, seed, shard_index, shard_count)
+  processor = processor_cls(cfg, image_res, patch_size, encoder)
+  return _make_iterator(cfg, sub, processor, int(examples_per_batch), collate, seed, shard_index,
+                        shard_count)
 
 
-def make_region_iterator(
-    cfg,
-    *,
-    image_res: int,
-    patch_size: int,
-    seed: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    tokenizer: text_lib.Tokenizer | None = None,
-) -> grain.DatasetIterator:
-  """Infinite iterator of region batches (module docstring); `seed=None` uses cfg.seed."""
-  seed = cfg.seed if seed is None else seed
-  encoder = text_lib.TextEncoder.from_config(cfg, tokenizer)
-  processor = examples_lib.RegionProcessor(cfg, image_res, patch_size, encoder)
-  return _make_iterator(cfg, cfg.regions, processor, int(cfg.regions.max_images),
-                        RegionCollate(cfg.regions.batch_size), seed, shard_index, shard_count)
+def make_image_text_iterator(cfg, **kwargs) -> grain.DatasetIterator:
+  """Image-text batches: `make_iterator("image_text", cfg, **kwargs)`."""
+  return make_iterator("image_text", cfg, **kwargs)
 
 
-def make_grounding_iterator(
-    cfg,
-    *,
-    image_res: int,
-    patch_size: int,
-    seed: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    tokenizer: text_lib.Tokenizer | None = None,
-) -> grain.DatasetIterator:
-  """Infinite iterator of grounding batches (module docstring); `seed=None` uses cfg.seed."""
-  seed = cfg.seed if seed is None else seed
-  encoder = text_lib.TextEncoder.from_config(cfg, tokenizer)
-  processor = examples_lib.GroundingProcessor(cfg, image_res, patch_size, encoder)
-  return _make_iterator(cfg, cfg.grounding, processor, int(cfg.grounding.batch_size),
-                        collate_grounding, seed, shard_index, shard_count)
+def make_region_iterator(cfg, **kwargs) -> grain.DatasetIterator:
+  """Region batches: `make_iterator("regions", cfg, **kwargs)`."""
+  return make_iterator("regions", cfg, **kwargs)
+
+
+def make_grounding_iterator(cfg, **kwargs) -> grain.DatasetIterator:
+  """Grounding batches: `make_iterator("grounding", cfg, **kwargs)`."""
+  return make_iterator("grounding", cfg, **kwargs)
