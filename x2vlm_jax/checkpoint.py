@@ -202,9 +202,7 @@ class Checkpointer:
     item_dir = os.path.join(self.directory, str(step), STATE_ITEM)
     try:
       with ocp.PyTreeCheckpointer() as reader:
-        stored = reader.metadata(item_dir).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-        state = reader.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        state = _restore_as_numpy(item_dir, reader.metadata(item_dir).item_metadata.tree)
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"Failed to read {item_dir} (truncated or corrupt?): "
                             f"{type(e).__name__}: {e}") from e
@@ -226,6 +224,13 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _restore_as_numpy(directory: str, stored_tree: Any) -> Any:
+  """The Orbax pytree in `directory` (structure `stored_tree`, from its metadata) as numpy arrays."""
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored_tree)
+  with ocp.PyTreeCheckpointer() as reader:
+    return reader.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def save_params(directory: str | os.PathLike, params: Any, *, overwrite: bool = False) -> None:
@@ -289,9 +294,7 @@ def load_params(directory: str | os.PathLike, abstract_params: Any = None) -> An
     try:
       if abstract_params is not None:
         return checkpointer.restore(directory, abstract_params)
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-      with ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      return _restore_as_numpy(directory, stored)
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"Failed to read params checkpoint {directory} (truncated or "
                             f"corrupt?): {type(e).__name__}: {e}") from e

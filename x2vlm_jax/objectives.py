@@ -86,9 +86,7 @@ def region_objective(m, batch, rng, deterministic: bool = True,
                                      deterministic=deterministic, idx=idx,
                                      itc_feature_grad_scale=itc_feature_grad_scale,
                                      with_itm=with_itm)
-  full_atts = jnp.ones(full_embeds.shape[:2], jnp.int32)
-  cross = m.fuse(full_embeds, full_atts, text_embeds, batch["text_atts"], deterministic)
-  box = m.predict_box(cross)
+  box = m.predict_box_in_image(full_embeds, text_embeds, batch["text_atts"], deterministic)
   out["bbox_l1"], out["bbox_giou"] = losses.box_losses(box, batch["target_bbox"],
                                                        batch["is_image"])
   return out
@@ -114,9 +112,7 @@ def grounding_objective(m, batch, rng, deterministic: bool = True):
   the whole image, the text encoder and the fusion layers, bbox head on the fused [CLS]."""
   del rng  # no sampling
   image_embeds = m.encode_image(batch["image"], deterministic)
-  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
   text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
-  cross = m.fuse(image_embeds, image_atts, text_embeds, batch["text_atts"], deterministic)
-  box = m.predict_box(cross)
+  box = m.predict_box_in_image(image_embeds, text_embeds, batch["text_atts"], deterministic)
   l1, giou = losses.box_losses(box, batch["target_bbox"])
   return {"bbox_l1": l1, "bbox_giou": giou}

@@ -39,10 +39,7 @@ def make_grounding_fn(model, mesh: jax.sharding.Mesh | None = None) -> Callable[
     TRACE_COUNTS["grounding_boxes"] += 1
 
     def f(m, x, i, a):
-      image_embeds = m.encode_image(x)
-      image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
-      text_embeds = m.encode_text(i, a)
-      return m.predict_box(m.fuse(image_embeds, image_atts, text_embeds, a))
+      return m.predict_box_in_image(m.encode_image(x), m.encode_text(i, a), a)
 
     return model.apply({"params": params}, images, ids, atts, method=f).astype(jnp.float32)
 

@@ -156,6 +156,14 @@ class X2VLM(nn.Module):
     """[B, L, H] -> normalised (cx, cy, w, h) in (0, 1), [B, 4]."""
     return jax.nn.sigmoid(self.bbox_head(cross_embeds[:, 0]).astype(jnp.float32))
 
+  def predict_box_in_image(self, image_embeds: jax.Array, text_embeds: jax.Array,
+                           text_atts: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Box of each text in its whole image: fusion with every vision token visible, bbox head.
+    image_embeds [B, 1+N, D], text_embeds [B, L, H], text_atts [B, L] -> [B, 4] (cx, cy, w, h)."""
+    image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+    return self.predict_box(self.fuse(image_embeds, image_atts, text_embeds, text_atts,
+                                      deterministic))
+
   def mlm_logits(self, text_ids_masked: jax.Array, text_atts: jax.Array, vision_embeds: jax.Array,
                  vision_atts: jax.Array, masked_pos: jax.Array,
                  deterministic: bool = True) -> jax.Array:
