@@ -7,7 +7,8 @@
 Config files are ml_collections files (`--config path.py[:arg]`); any field can be overridden with
 `--config.a.b=value`. The config is locked: a misspelt field fails here, before anything compiles.
 Multi-process runs call `jax.distributed.initialize` from --coordinator_address /
---num_processes / --process_id (or the cluster's environment when those are unset).
+--num_processes / --process_id, or with --distributed from the cluster's environment (README,
+"Scaling out").
 """
 import logging
 import os
@@ -25,6 +26,8 @@ flags.DEFINE_string("checkpoint", None, "--mode eval: an Orbax params dir or a t
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool("distributed", False, "Multi-process with the flags above taken from the "
+                  "cluster's environment (TPU pod slices, SLURM, Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,7 +46,9 @@ def main(argv):
 
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
-  if FLAGS.coordinator_address or FLAGS.num_processes:
+  if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
+    # Cross-process collectives of the CPU backend (tests, CPU clusters); GPU/TPU use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)

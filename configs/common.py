@@ -47,15 +47,20 @@ def train_config() -> ml_collections.ConfigDict:
       region_weight=1.0,
       retrieval_weight=0.0,  # image-text batches with image ids: ITC (same-image targets) + ITM
       grounding_weight=0.0,  # {"image", "text", "bbox"} batches: box L1 + GIoU
+      vqa_weight=0.0,  # {"image", "question", "answer"} batches: soft BCE over model.vqa_num_answers
+      nlvr_weight=0.0,  # {"images": [a, b], "sentence", "label"} batches: 2-way cross-entropy
       # Weight of each loss term inside a batch kind (reference: all 1).
       loss_weights=ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, bbox_l1=1.0,
-                                                  bbox_giou=1.0)),
+                                                  bbox_giou=1.0, vqa=1.0, nlvr=1.0)),
       # The reference scales the encoders' ITC gradient by 1/world_size (its AllGather backward);
       # 1.0 = the exact gradient of the global loss. Set 1/W to reproduce the reference.
       itc_feature_grad_scale=1.0,
       # The reference treats repeated (padding) pairs of a region batch as each other's negatives.
       dedupe_padded_pairs=True,
       max_steps_per_run=0,  # > 0: stop after this many steps in this invocation (tests, preemption)
+      # Steps whose loss or gradient is non-finite are always skipped (params and optimizer state
+      # kept) and counted; > 0: after this many in a row, checkpoint and stop with NonFiniteError.
+      halt_after_nonfinite_steps=20,
   ))
 
 
@@ -78,6 +83,12 @@ def eval_config() -> ml_collections.ConfigDict:
       grounding_files=(),
       grounding_image_root="",
       grounding_plus_one=False,  # IoU with the "+1 pixel" convention of the RefCOCO evaluation
+      # VQA questions, one file per split (answers from data.vqa.answer_list): accuracy when the
+      # records carry human answers, and vqa_<split>.json predictions (official result format).
+      vqa_files=(),
+      vqa_image_root="",
+      nlvr_files=(),  # NLVR2 examples, one file per split -> accuracy
+      nlvr_image_root="",
       k_test=16,  # ITM re-ranking depth (reference: 256 COCO, 128 Flickr)
       batch_size=32,
       checkpoint="",  # for --mode eval: Orbax dir (a params-only or a training checkpoint)

@@ -34,6 +34,7 @@ def get_config(arg=None):
   m.drop_path_rate, m.hidden_dropout, m.attention_dropout = 0.0, 0.0, 0.0
   m.vision_abs_pos_emb = True  # from scratch, boxes need absolute positions (BEiT-2 weights have
   # learned them through their relative tables; a 3-block random ViT has not)
+  m.vision_pos_emb_init_std = 0.5  # O(1) positions: at BEiT's 0.02 the box head ignores the image
   if quick:
     m.vision_width, m.vision_depth, m.vision_mlp_dim = 32, 1, 64
     m.text_width, m.text_mlp_dim, m.text_layers, m.fusion_layers = 32, 64, 1, 1

@@ -195,3 +195,24 @@ def test_text_layers_match_a_real_pretrained_bert():
                      jnp.asarray(ids, jnp.int32), jnp.asarray(atts, jnp.int32),
                      method=x2vlm.X2VLM.encode_text)
   np.testing.assert_allclose(np.asarray(ours)[0, :7], expected.numpy()[0, :7], atol=1e-4)
+
+
+@pytest.mark.parametrize("head,heads", [("nlvr_cls", dict(nlvr_head=True)),
+                                        ("vqa_head", dict(vqa_num_answers=7))])
+def test_reference_cls_head_maps_to_the_configured_task_head(fixture_state, tiny_model, head,
+                                                             heads):
+  """The reference calls every task head `cls_head`; it lands on this model's NLVR2 / VQA head."""
+  model = tiny_model.clone(**heads)
+  shapes = _shapes(model)
+  state = dict(fixture_state)
+  rng = np.random.default_rng(0)
+  for name, shape in shapes.items():
+    if name.startswith(head + "/"):
+      layer, leaf = name.split("/")[1:]
+      index = {"dense_0": 0, "norm": 1, "dense_1": 3}[layer]
+      torch_leaf = "bias" if leaf == "bias" else "weight"
+      state[f"cls_head.{index}.{torch_leaf}"] = rng.normal(size=shape[::-1]).astype(np.float32)
+  params, missing = convert.convert_state_dict(state, shapes)
+  assert not missing
+  np.testing.assert_array_equal(params[f"{head}/dense_1/kernel"], state["cls_head.3.weight"].T)
+  np.testing.assert_array_equal(params[f"{head}/norm/scale"], state["cls_head.1.weight"])

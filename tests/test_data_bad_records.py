@@ -39,6 +39,10 @@ def _write_images(root):
   png = _png(rgb)
   (root / "trunc.png").write_bytes(png[: len(png) // 2])
   (root / "notimage.png").write_bytes(b"GIF89a but not really an image at all")
+  jpeg = io.BytesIO()
+  rgb.save(jpeg, "JPEG")
+  (root / "trunc.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+  Image.new("RGB", (200, 150), (9, 9, 9)).save(root / "huge.png")  # above max_image_pixels below
   return base64.b64encode(png).decode()
 
 
@@ -91,12 +95,17 @@ def test_image_text_bad_records_are_skipped_and_counted(tmp_path, caplog):
       {"image": "exif.jpg", "caption": [cap]},  # 17 good
       {"image": "rgb.png"},  # 18 bad: no caption
       {"image": "rgb.png", "caption": cap},  # 19 good
+      {"image": "trunc.jpg", "caption": cap},  # 20 bad: truncated JPEG
+      {"image": "huge.png", "caption": cap},  # 21 bad: more pixels than max_image_pixels
+      {"image": "rgb.png", "caption": " \t\n "},  # 22 bad: whitespace only
+      {"image": "rgb.png", "caption": "dog " * 20000},  # 23 good: truncated to max_tokens
   ]
   path = tmp_path / "it.jsonl"
   _write_lines(path, lines)
-  bad_lines = [2, 4, 6, 8, 10, 12, 14, 16, 18]
+  bad_lines = [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 21, 22]
   n_good = len(lines) - len(bad_lines)
-  cfg = _cfg([str(path)], tmp_path, **{"image_text.batch_size": n_good, "prefetch": 0})
+  cfg = _cfg([str(path)], tmp_path, **{"image_text.batch_size": n_good, "prefetch": 0,
+                                       "max_image_pixels": 10_000})
   with caplog.at_level(logging.WARNING):
     it = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
     batch = next(it)
@@ -107,8 +116,11 @@ def test_image_text_bad_records_are_skipped_and_counted(tmp_path, caplog):
   for line in bad_lines:
     assert f"{path}:{line}:" in caplog.text, line
   for reason in ("not found", "0 bytes", "cannot decode", "empty after cleaning", "UTF-8",
-                 "malformed JSON", "base64", "no usable caption"):
+                 "malformed JSON", "base64", "no usable caption", "above the limit 10000"):
     assert reason in caplog.text, reason
+  # The very long caption is kept, cut to max_tokens: [CLS] dog ... dog [SEP].
+  long_row = batch["text_atts"].sum(axis=1).max()
+  assert long_row == 12 and batch["text_atts"].shape[1] == 12
   # Batches never shrink: the next one pulls from the next epoch.
   second = next(it)
   assert second["image"].shape[0] == n_good and int(second["num_bad_records"]) == len(bad_lines)

@@ -14,7 +14,7 @@ def prepare_demo_data(config) -> None:
     return
   from x2vlm_jax.data import demo as demo_lib
 
-  if os.path.exists(demo_lib.demo_paths(demo.data_dir)["readme"]):
+  if demo_lib.is_complete(demo.data_dir):
     return
   logging.info("Writing the demo dataset to %s", demo.data_dir)
   if jax.process_index() == 0:
@@ -36,6 +36,7 @@ def load_eval_params(config, checkpoint: str | None, workdir: str):
   from x2vlm_jax import train
 
   directory = checkpoint or config.eval.checkpoint or workdir
+  train.check_task_heads(config)
   trainer = train.Trainer.create(config)
   params, step = train.load_init_params(trainer, directory, (), config.train.seed,
                                         tuple(config.init.ignore_unexpected), with_step=True)

@@ -98,12 +98,12 @@ NAME_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (r"text_encoder\.cls\.predictions\.transform\.LayerNorm\.bias", "text/mlm_transform/LayerNorm/bias", _same),
     (r"(vision_proj|text_proj)\.weight", r"\1/kernel", _linear),
     (r"(vision_proj|text_proj)\.bias", r"\1/bias", _same),
-    (r"(itm_head|bbox_head)\.0\.weight", r"\1/dense_0/kernel", _linear),
-    (r"(itm_head|bbox_head)\.0\.bias", r"\1/dense_0/bias", _same),
-    (r"(itm_head|bbox_head)\.1\.weight", r"\1/norm/scale", _same),
-    (r"(itm_head|bbox_head)\.1\.bias", r"\1/norm/bias", _same),
-    (r"(itm_head|bbox_head)\.3\.weight", r"\1/dense_1/kernel", _linear),
-    (r"(itm_head|bbox_head)\.3\.bias", r"\1/dense_1/bias", _same),
+    (r"(itm_head|bbox_head|cls_head)\.0\.weight", r"\1/dense_0/kernel", _linear),
+    (r"(itm_head|bbox_head|cls_head)\.0\.bias", r"\1/dense_0/bias", _same),
+    (r"(itm_head|bbox_head|cls_head)\.1\.weight", r"\1/norm/scale", _same),
+    (r"(itm_head|bbox_head|cls_head)\.1\.bias", r"\1/norm/bias", _same),
+    (r"(itm_head|bbox_head|cls_head)\.3\.weight", r"\1/dense_1/kernel", _linear),
+    (r"(itm_head|bbox_head|cls_head)\.3\.bias", r"\1/dense_1/bias", _same),
 ]
 
 # Keys that are checked against what they must equal rather than loaded.
@@ -114,6 +114,19 @@ _DECODER_BIAS = re.compile(r"text_encoder\.cls\.predictions\.decoder\.bias")
 _WORD_EMBEDDINGS = re.compile(_T + r"embeddings\.word_embeddings\.weight")
 _MLM_BIAS = re.compile(r"text_encoder\.cls\.predictions\.bias")
 _REL_TABLE_PATH = re.compile(r"vision/blocks_\d+/attn/relative_position_bias_table")
+
+
+# The reference names every task head `cls_head` (NLVR2: build_mlp(2H, 2); classification, e.g.
+# VQA over an answer list: build_mlp(H, num_labels)); the model config says which one this is.
+_TASK_HEADS = ("nlvr_cls", "vqa_head")
+
+
+def _task_head_path(path: str, target_shapes: Mapping[str, tuple]) -> str:
+  rest = path[len("cls_head/"):]
+  for head in _TASK_HEADS:
+    if f"{head}/{rest}" in target_shapes:
+      return f"{head}/{rest}"
+  return path
 
 
 def is_rel_pos_table(name: str) -> bool:
@@ -232,6 +245,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[s
         buffer_errors.append(f"{key}: MLM decoder bias differs from cls.predictions.bias")
       continue
     mapped = _map_name(key)
+    if mapped is not None and mapped[0].startswith("cls_head/"):
+      mapped = (_task_head_path(mapped[0], target_shapes), mapped[1])
     if mapped is None or mapped[0] not in target_shapes:
       unexpected.append(f"{key} {list(value.shape)}"
                         + (f" (would be {mapped[0]})" if mapped else ""))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from x2vlm_jax import boxes as box_ops
 
@@ -111,3 +112,20 @@ def box_losses(pred: jax.Array, target: jax.Array, is_image: jax.Array | None = 
                                  jnp.where(valid[:, None], target_xyxy, unit))
   giou_loss = jnp.sum((1.0 - giou) * weight * valid) / num_boxes
   return l1, giou_loss
+
+
+def soft_bce_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Binary cross-entropy with soft targets, summed over classes, averaged over the batch.
+
+  logits, targets: [B, A] (targets in [0, 1], e.g. VQA answer scores). Returns a scalar.
+  """
+  logits = logits.astype(jnp.float32)
+  targets = targets.astype(jnp.float32)
+  per_class = optax.sigmoid_binary_cross_entropy(logits, targets)
+  return jnp.mean(jnp.sum(per_class, axis=-1))
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy, logits [B, C], integer labels [B] -> mean over the batch."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                  labels))

@@ -10,7 +10,8 @@ Batches (see x2vlm_jax/data): image-text `image [B,H,W,3], text_ids/text_atts/te
 masked_pos/masked_ids [B,M]`; region batches add `idx_to_group_img [R], image_atts [R,1+N],
 target_bbox [R,4], is_image [R], pair_id [R]` with `image [N_img,H,W,3]`. Fine-tuning batches:
 retrieval = an image-text batch with `image_idx [B]`; grounding = `image [B,H,W,3], text_ids/atts
-[B,L], target_bbox [B,4]`.
+[B,L], target_bbox [B,4]`; vqa = `image, text_ids/atts (question), answer_targets [B,A]`;
+nlvr = `image0, image1 [B,H,W,3], text_ids/atts, label [B]`.
 """
 from __future__ import annotations
 
@@ -116,3 +117,35 @@ def grounding_objective(m, batch, rng, deterministic: bool = True):
   box = m.predict_box_in_image(image_embeds, text_embeds, batch["text_atts"], deterministic)
   l1, giou = losses.box_losses(box, batch["target_bbox"])
   return {"bbox_l1": l1, "bbox_giou": giou}
+
+
+def vqa_classification_objective(m, batch, rng, deterministic: bool = True):
+  """VQA as classification (the reference's `XVLMForVQAClassification`): image, question
+  `text_ids/atts [B, L]`, answer scores `answer_targets [B, A]` -> {'vqa'} (soft BCE)."""
+  del rng
+  image_embeds = m.encode_image(batch["image"], deterministic)
+  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+  text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
+  cross = m.fuse(image_embeds, image_atts, text_embeds, batch["text_atts"], deterministic)
+  return {"vqa": losses.soft_bce_loss(m.vqa_logits(cross), batch["answer_targets"])}
+
+
+def nlvr_logits(m, batch, deterministic: bool = True) -> jax.Array:
+  """NLVR2 forward: `image0, image1 [B, H, W, 3]`, sentence `text_ids/atts [B, L]` -> [B, 2].
+  Both images go through the ViT in one batch; the sentence is fused with each."""
+  batch_size = batch["image0"].shape[0]
+  images = jnp.concatenate([batch["image0"], batch["image1"]])
+  image_embeds = m.encode_image(images, deterministic)
+  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+  text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
+  text_both = jnp.concatenate([text_embeds, text_embeds])
+  atts_both = jnp.concatenate([batch["text_atts"], batch["text_atts"]])
+  cross = m.fuse(image_embeds, image_atts, text_both, atts_both, deterministic)
+  return m.nlvr_logits(cross[:batch_size], cross[batch_size:])
+
+
+def nlvr_objective(m, batch, rng, deterministic: bool = True):
+  """NLVR2 (the reference's `XVLMForNLVR`): batch as `nlvr_logits` + `label [B]` -> {'nlvr'}."""
+  del rng
+  return {"nlvr": losses.classification_loss(nlvr_logits(m, batch, deterministic),
+                                             batch["label"])}

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -32,13 +35,18 @@ OBJECTIVES: dict[str, Callable] = {
     "regions": objectives.region_objective,  # pre-training
     "retrieval": objectives.retrieval_objective,  # fine-tuning (COCO / Flickr30k)
     "grounding": objectives.grounding_objective,  # fine-tuning (RefCOCO)
+    "vqa": objectives.vqa_classification_objective,  # fine-tuning (VQA v2 as classification)
+    "nlvr": objectives.nlvr_objective,  # fine-tuning (NLVR2)
 }
+# Kinds whose objective has an ITC term (takes `itc_feature_grad_scale`).
+_ITC_KINDS = ("image_text", "regions", "retrieval")
 
 
 def kind_weights(train_cfg) -> dict[str, float]:
-  """Loss weight of each batch kind, from config.train.{image_text,region,retrieval,grounding}_weight."""
+  """Loss weight of each batch kind, from config.train.<kind>_weight (regions: region_weight)."""
   return {"image_text": train_cfg.image_text_weight, "regions": train_cfg.region_weight,
-          "retrieval": train_cfg.retrieval_weight, "grounding": train_cfg.grounding_weight}
+          "retrieval": train_cfg.retrieval_weight, "grounding": train_cfg.grounding_weight,
+          "vqa": train_cfg.vqa_weight, "nlvr": train_cfg.nlvr_weight}
 
 
 def data_kind(kind: str) -> str:
@@ -51,7 +59,8 @@ def batch_kinds(train_cfg) -> tuple[str, ...]:
   """The batch kinds that make one optimizer step (those with a non-zero loss weight)."""
   kinds = tuple(k for k, w in kind_weights(train_cfg).items() if w > 0)
   if not kinds:
-    raise ValueError("config.train: every *_weight (image_text, region, retrieval, grounding) is 0")
+    raise ValueError("config.train: every *_weight (image_text, region, retrieval, grounding, vqa, "
+                     "nlvr) is 0")
   return kinds
 
 
@@ -65,7 +74,7 @@ def make_loss_fn(model: x2vlm.X2VLM, train_cfg) -> Callable:
     for i, kind in enumerate(sorted(batches)):
       itm_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, i))
       kwargs = dict(deterministic=False)
-      if kind != "grounding":
+      if kind in _ITC_KINDS:
         kwargs["itc_feature_grad_scale"] = train_cfg.itc_feature_grad_scale
       if kind == "regions":
         kwargs["dedupe_padded_pairs"] = train_cfg.dedupe_padded_pairs
@@ -170,9 +179,13 @@ class Trainer:
     return run
 
   def global_batches(self, local_batches: Mapping[str, Mapping[str, np.ndarray]]):
-    """Per-process numpy batches -> global sharded arrays (batch statistics removed)."""
-    return {kind: sharding.make_global_batch(
-        {k: v for k, v in batch.items() if k not in STAT_KEYS}, self.mesh)
+    """Per-process numpy batches -> global sharded arrays (batch statistics removed; region
+    batches' image and pair indices offset to be unique across processes)."""
+    from x2vlm_jax.data import pipeline
+
+    process = jax.process_index()
+    return {kind: sharding.make_global_batch(pipeline.to_global_indices(
+        {k: v for k, v in batch.items() if k not in STAT_KEYS}, process), self.mesh)
         for kind, batch in local_batches.items()}
 
 
@@ -220,6 +233,23 @@ def check_vocab(config) -> None:
   if vocab > config.model.vocab_size:
     raise ValueError(f"{config.data.vocab_path} has {vocab} tokens but config.model.vocab_size "
                      f"is {config.model.vocab_size}")
+
+
+def check_task_heads(config) -> None:
+  """VQA / NLVR2 batches and evaluations need their heads, sized to the answer list (fails before
+  compiling)."""
+  from x2vlm_jax.data import examples as examples_lib
+
+  m, t, e = config.model, config.train, config.eval
+  if (t.vqa_weight > 0 or e.vqa_files):
+    if m.vqa_num_answers <= 0:
+      raise ValueError("VQA training or evaluation needs config.model.vqa_num_answers > 0")
+    answers = examples_lib.load_answer_list(config.data.vqa.answer_list)
+    if len(answers) != m.vqa_num_answers:
+      raise ValueError(f"{config.data.vqa.answer_list} lists {len(answers)} answers but "
+                       f"config.model.vqa_num_answers is {m.vqa_num_answers}")
+  if (t.nlvr_weight > 0 or e.nlvr_files) and not m.nlvr_head:
+    raise ValueError("NLVR2 training or evaluation needs config.model.nlvr_head = True")
 
 
 def restore_or_init(trainer: Trainer, checkpointer, iterators, config) -> State:
@@ -286,6 +316,91 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
   return (params, step) if with_step else params
 
 
+class NonFiniteError(RuntimeError):
+  """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class Preemption:
+  """Turns SIGTERM into "checkpoint and stop at the next step boundary".
+
+  One process: a SIGTERM handler (installed for the `with` block, the previous one restored after)
+  sets a flag. Several processes: JAX's preemption sync point, so that every process stops at the
+  same step (JAX's notifier listens for the same signal); if the distributed runtime has no
+  preemption service, the local flag is used.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._sync_point = jax.process_count() > 1
+
+  def __enter__(self) -> "Preemption":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint at the end of this step", signum)
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if self._sync_point:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+      except RuntimeError as e:  # no preemption service in this distributed runtime
+        logging.warning("JAX preemption sync point unavailable (%s); using SIGTERM only", e)
+        self._sync_point = False
+    return self.requested
+
+
+class NonFiniteMonitor:
+  """Counts steps in a row whose update was skipped for a non-finite loss or gradient.
+
+  Reads each step's `nonfinite` flag one step late, so that checking never stalls the device
+  queue. With `halt_after` > 0, `check` raises NonFiniteError after that many in a row, having
+  written the last offending batch to `workdir/nonfinite_batch_step{N}.npz`.
+  """
+
+  def __init__(self, halt_after: int, workdir: str):
+    self.halt_after, self.workdir = int(halt_after), workdir
+    self.in_a_row = 0
+    self._pending = None  # (step, nonfinite flag [] on device, local batches)
+
+  def push(self, step: int, nonfinite: jax.Array, local_batches) -> None:
+    """Records step `step`'s flag; checks the previous step's."""
+    previous, self._pending = self._pending, (step, nonfinite, local_batches)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    if self._pending is not None:
+      previous, self._pending = self._pending, None
+      self._check(*previous)
+
+  def _check(self, step: int, nonfinite: jax.Array, local_batches) -> None:
+    if not int(jax.device_get(nonfinite)):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    logging.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                    self.in_a_row)
+    if self.halt_after and self.in_a_row >= self.halt_after:
+      path = os.path.join(self.workdir, f"nonfinite_batch_step{step}.npz")
+      if jax.process_index() == 0:
+        np.savez(path, **{f"{kind}/{k}": np.asarray(v) for kind, batch in local_batches.items()
+                          for k, v in batch.items()})
+      raise NonFiniteError(
+          f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
+          f"(config.train.halt_after_nonfinite_steps={self.halt_after}); the last batch is in "
+          f"{path}, the parameters of the last finite step are checkpointed in {self.workdir}")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Pre-train with `config` in `workdir` (resuming if it holds checkpoints); evaluate at the end.
 
@@ -305,6 +420,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                                   trainer.abstract_state["opt_state"],
                                                   trainer.mesh))
   check_vocab(config)
+  check_task_heads(config)
   iterators = make_data_iterators(config, trainer.kinds)
   checkpointer = checkpoint.Checkpointer(
       f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, every_steps=tcfg.checkpoint_every_steps,
@@ -317,29 +433,45 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                           tcfg.log_every_steps, start_step=start)
   budget = BadRecordBudget(config.data.max_bad_fraction, config.data.min_records_before_abort)
   base_rng = jax.random.PRNGKey(tcfg.seed)
+  nonfinite = NonFiniteMonitor(tcfg.halt_after_nonfinite_steps, workdir)
+
+  def stop_early(step: int, why: str) -> dict:
+    checkpointer.save(step, state, iterators, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    logging.info("Stopped at step %d (%s); checkpoint saved. Rerun the same command to resume.",
+                 step, why)
+    return {}
+
   step = start
-  while step < tcfg.total_steps:
-    local = {kind: next(it) for kind, it in iterators.items()}
-    budget.add(local)
-    state, step_metrics = trainer.train_step(state, trainer.global_batches(local),
-                                             jax.random.fold_in(base_rng, step))
-    step += 1
-    if step % tcfg.log_every_steps == 0 or step == tcfg.total_steps:
-      scalars = _scalars(step_metrics)
-      scalars.update({"data/bad_records": budget.bad, "data/records": budget.seen,
-                      "skipped_updates": int(jax.device_get(state["skipped"]))})
-      writer.write_scalars(step, scalars)
-      reporter(step, scalars)
-    with reporter.paused():
-      checkpointer.save(step, state, iterators, force=step == tcfg.total_steps)
-    if tcfg.max_steps_per_run and step - start >= tcfg.max_steps_per_run and step < tcfg.total_steps:
-      logging.info("Stopping after %d steps in this run (config.train.max_steps_per_run)",
-                   step - start)
-      checkpointer.save(step, state, iterators, force=True)
-      checkpointer.wait()
-      checkpointer.close()
-      writer.close()
-      return {}
+  with Preemption() as preemption:
+    while step < tcfg.total_steps:
+      local = {kind: next(it) for kind, it in iterators.items()}
+      budget.add(local)
+      state, step_metrics = trainer.train_step(state, trainer.global_batches(local),
+                                               jax.random.fold_in(base_rng, step))
+      step += 1
+      try:
+        nonfinite.push(step, step_metrics["nonfinite"], local)
+        if step == tcfg.total_steps:
+          nonfinite.flush()
+      except NonFiniteError:
+        stop_early(step, "non-finite steps")
+        raise
+      if step % tcfg.log_every_steps == 0 or step == tcfg.total_steps:
+        scalars = _scalars(step_metrics)
+        scalars.update({"data/bad_records": budget.bad, "data/records": budget.seen,
+                        "skipped_updates": int(jax.device_get(state["skipped"]))})
+        writer.write_scalars(step, scalars)
+        reporter(step, scalars)
+      if step < tcfg.total_steps and preemption.should_stop(step):
+        return stop_early(step, "preempted")
+      with reporter.paused():
+        checkpointer.save(step, state, iterators, force=step == tcfg.total_steps)
+      if (tcfg.max_steps_per_run and step - start >= tcfg.max_steps_per_run
+          and step < tcfg.total_steps):
+        return stop_early(step, "config.train.max_steps_per_run")
   checkpointer.wait()
   checkpointer.close()
   results = from_config.run(config, trainer.model, state["params"],

@@ -14,6 +14,8 @@ Record formats (one JSON object per line / per ArrayRecord record):
                "elems": [{"bbox"|"bb": [x, y, w, h] pixels, "caption": str | [str],
                           "attributes": optional str | [str]}, ...]}
   grounding:  {"image": ..., "text": str, "bbox": [x, y, w, h] pixels}
+  vqa:        {"question_id", "image": ..., "question": str, "answer": [str, ...] | str}
+  nlvr:       {"images": [path0, path1], "sentence": str, "label": "True" | "False" | bool}
   (image-text records may carry "image_id": retrieval fine-tuning treats equal ids as positives)
 
 Batch shapes (B = image_text.batch_size, L = max_tokens, M = max_masks, R = image_res,
@@ -76,6 +78,37 @@ def _grounding() -> ml_collections.ConfigDict:
       ))
 
 
+def _vqa() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          files=(),  # {"question_id", "image", "question", "answer": [str, ...] | str} records
+          image_root="",
+          image_key="image",
+          caption_key="question",
+          answer_key="answer",
+          answer_list="",  # JSON list of candidate answers (model.vqa_num_answers = its length)
+          batch_size=8,
+          crop_scale_min=0.5,
+          hflip_prob=0.5,  # never when the question or an answer says "left" / "right"
+          randaug=True,
+      ))
+
+
+def _nlvr() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          files=(),  # {"images": [path0, path1], "sentence", "label": "True"|"False"|bool}
+          image_root="",
+          image_key="images",
+          caption_key="sentence",
+          label_key="label",
+          batch_size=8,
+          crop_scale_min=0.5,
+          hflip_prob=0.5,
+          randaug=True,
+      ))
+
+
 def data_config() -> ml_collections.ConfigDict:
   """Returns the default (locked) data config; see the module docstring."""
   cfg = ml_collections.ConfigDict(
@@ -98,6 +131,8 @@ def data_config() -> ml_collections.ConfigDict:
           image_text=_image_text(),
           regions=_regions(),
           grounding=_grounding(),
+          vqa=_vqa(),
+          nlvr=_nlvr(),
           num_workers=0,  # grain worker processes; 0 = decode in this process (threads).
           read_threads=4,  # threads decoding records inside each process.
           prefetch=2,  # batches prefetched (thread prefetch, or per-worker buffer).

@@ -16,6 +16,12 @@ size in {small, large}. Files under `out_dir`:
   val_retrieval.jsonl     {"image": ..., "caption": [scene captions]}
   val_grounding.jsonl     {"image": ..., "text": "the small red circle", "bbox": [x, y, w, h]}
                           (one per shape)
+  {train,val}_vqa.jsonl   {"question_id", "image", "question": "what colour is the circle",
+                           "answer": [10 x "red"], "answer_type", "question_type"}; also "what
+                          shape is the red one", "is there a blue square" (yes / no)
+  answer_list.json        the 11 answers: colours, shapes, yes, no
+  {train,val}_nlvr.jsonl  {"images": [scene 2k, scene 2k+1], "sentence": "the left image has a red
+                          circle", "label": true | false}
   vocab.txt               BERT-format WordPiece vocab: [PAD] [UNK] [CLS] [SEP] [MASK], every word
                           the generator emits, a-z / 0-9 and their "##" pieces, punctuation
   README.txt              this description (written last: its presence marks a complete dataset)
@@ -171,6 +177,43 @@ def _elems(objects: list[dict]) -> list[dict]:
   return out
 
 
+def _vqa(rel_path: str, objects: list[dict], first_id: int) -> list[dict]:
+  """Questions about one scene (no randomness: the scene decides), 10 identical human answers
+  each, in the official annotation's spirit (answer_type, question_type)."""
+  rows = []
+
+  def add(question, answer, answer_type, question_type):
+    rows.append({"question_id": first_id + len(rows), "image": rel_path, "question": question,
+                 "answer": [answer] * 10, "answer_type": answer_type,
+                 "question_type": question_type})
+
+  a, b = objects
+  if a["shape"] != b["shape"]:
+    for obj in objects:
+      add(f"what colour is the {obj['shape']}", obj["colour"], "other", "what colour")
+  if a["colour"] != b["colour"]:
+    for obj in objects:
+      add(f"what shape is the {obj['colour']} one", obj["shape"], "other", "what shape")
+  add(f"is there a {a['colour']} {a['shape']}", "yes", "yes/no", "is there")
+  absent = (b["colour"], a["shape"])  # present only if b has a's shape
+  add(f"is there a {absent[0]} {absent[1]}", "yes" if b["shape"] == a["shape"] else "no",
+      "yes/no", "is there")
+  return rows
+
+
+def _nlvr(left: tuple[str, list[dict]], right: tuple[str, list[dict]]) -> list[dict]:
+  """Statements about a pair of scenes: two true by construction, two that are usually false."""
+  (left_path, left_objs), (right_path, right_objs) = left, right
+  has = lambda objs, o: any((x["colour"], x["shape"]) == (o["colour"], o["shape"]) for x in objs)
+  rows = []
+  for side, objs, other in (("left", left_objs, right_objs), ("right", right_objs, left_objs)):
+    for obj in (objs[1], other[0]):
+      rows.append({"images": [left_path, right_path],
+                   "sentence": f"the {side} image has a {obj['colour']} {obj['shape']}",
+                   "label": has(objs, obj)})
+  return rows
+
+
 def _write_jsonl(path: str, rows: list[dict]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     for r in rows:
@@ -181,7 +224,10 @@ def demo_paths(out_dir: str) -> dict[str, str]:
   names = dict(train_image_text="train_image_text.jsonl",
                train_regions="train_regions.jsonl", train_grounding="train_grounding.jsonl",
                val_retrieval="val_retrieval.jsonl",
-               val_grounding="val_grounding.jsonl", vocab="vocab.txt", readme="README.txt")
+               val_grounding="val_grounding.jsonl", train_vqa="train_vqa.jsonl",
+               val_vqa="val_vqa.jsonl", answer_list="answer_list.json",
+               train_nlvr="train_nlvr.jsonl", val_nlvr="val_nlvr.jsonl", vocab="vocab.txt",
+               readme="README.txt")
   paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
   paths["image_root"] = out_dir
   return paths
@@ -203,7 +249,10 @@ def make_demo_data(
     os.remove(paths["readme"])  # not complete until rewritten
   rng_train, rng_val = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
   image_text, regions, train_grounding, retrieval, grounding = [], [], [], [], []
+  vqa = {"train": [], "val": []}
+  nlvr = {"train": [], "val": []}
   for split, n, rng in (("train", num_train, rng_train), ("val", num_val, rng_val)):
+    scenes = []
     for i in range(n):
       img, objects = _scene(rng, image_size, val=(split == "val"))
       rel_path = f"images/{split}_{i:06d}.png"
@@ -218,11 +267,21 @@ def make_demo_data(
       else:
         retrieval.append({"image": rel_path, "caption": captions})
         grounding.extend(referring)
+      # VQA and NLVR2 follow from the scenes; they draw nothing from `rng`.
+      vqa[split].extend(_vqa(rel_path, objects, first_id=(split == "val") * 10**6 + 10 * i))
+      scenes.append((rel_path, objects))
+    for left, right in zip(scenes[0::2], scenes[1::2]):
+      nlvr[split].extend(_nlvr(left, right))
   _write_jsonl(paths["train_image_text"], image_text)
   _write_jsonl(paths["train_regions"], regions)
   _write_jsonl(paths["train_grounding"], train_grounding)
   _write_jsonl(paths["val_retrieval"], retrieval)
   _write_jsonl(paths["val_grounding"], grounding)
+  for split in ("train", "val"):
+    _write_jsonl(paths[f"{split}_vqa"], vqa[split])
+    _write_jsonl(paths[f"{split}_nlvr"], nlvr[split])
+  with open(paths["answer_list"], "w", encoding="utf-8") as f:
+    json.dump(list(COLOURS) + list(SHAPES) + ["yes", "no"], f)
   with open(paths["vocab"], "w", encoding="utf-8") as f:
     f.write("\n".join(_vocab()) + "\n")
   held_out = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
@@ -235,6 +294,11 @@ def make_demo_data(
 def ensure_demo_data(out_dir: str, **kwargs) -> dict[str, str]:
   """Generates the demo dataset unless a complete one (README.txt present) is already there."""
   paths = demo_paths(out_dir)
-  if not os.path.exists(paths["readme"]):
+  if not is_complete(out_dir):
     return make_demo_data(out_dir, **kwargs)
   return paths
+
+
+def is_complete(out_dir: str) -> bool:
+  """README.txt (written last) and every file of this version of the dataset are there."""
+  return all(os.path.exists(p) for p in demo_paths(out_dir).values())

@@ -184,3 +184,78 @@ def load_grounding_eval(
   images, sizes = load_eval_images(paths, image_res, where=where, exif_transpose=exif_transpose)
   return dict(images=images, text_ids=text_ids, text_atts=text_atts,
               bbox_xywh=np.asarray(boxes, np.float32).reshape(-1, 4), image_size=sizes)
+
+
+def load_vqa_eval(
+    jsonl: str,
+    image_root: str,
+    tokenizer: text_lib.Tokenizer | str,
+    max_tokens: int,
+    *,
+    max_words: int | None = None,
+) -> dict:
+  """VQA questions `{"question_id", "image", "question", optional "answer": [str, ...]}`, with the
+  images left on disk (read batch by batch by the evaluation): dict(question_id [list],
+  image_paths [Q], where [Q], text_ids [Q, L] i32, text_atts [Q, L] i32, answers: list of lists
+  of human answers, or None when any record has none (a test split))."""
+  tokenizer = _as_tokenizer(tokenizer)
+  max_words = max_tokens if max_words is None else max_words
+  recs = _read_records(jsonl)
+  if not recs:
+    raise BadDataError(f"{jsonl}: no questions")
+  qids, paths, questions, answers = [], [], [], []
+  for where, rec in recs:
+    if "question_id" not in rec:
+      raise BadDataError(f"{where}: record has no 'question_id'")
+    question = rec.get("question")
+    if not isinstance(question, str):
+      raise BadDataError(f"{where}: 'question' must be a string")
+    qids.append(rec["question_id"])
+    paths.append(_image_path(rec, where, image_root))
+    questions.append(question)
+    ans = rec.get("answer")
+    answers.append([ans] if isinstance(ans, str) else ans if isinstance(ans, list) else None)
+  where = [w for w, _ in recs]
+  if len(set(map(str, qids))) != len(qids):
+    raise BadDataError(f"{jsonl}: question_id values repeat")
+  text_ids, text_atts = encode_texts(questions, where, tokenizer, max_tokens, max_words)
+  return dict(question_id=qids, image_paths=paths, where=where, text_ids=text_ids,
+              text_atts=text_atts,
+              answers=None if any(a is None for a in answers) else answers)
+
+
+def load_nlvr_eval(
+    jsonl: str,
+    image_root: str,
+    tokenizer: text_lib.Tokenizer | str,
+    max_tokens: int,
+    *,
+    max_words: int | None = None,
+) -> dict:
+  """NLVR2 examples `{"images": [a, b], "sentence", "label"}`, images left on disk:
+  dict(image_paths0 [N], image_paths1 [N], where [N], text_ids/atts [N, L] i32, label [N] i32)."""
+  tokenizer = _as_tokenizer(tokenizer)
+  max_words = max_tokens if max_words is None else max_words
+  recs = _read_records(jsonl)
+  if not recs:
+    raise BadDataError(f"{jsonl}: no examples")
+  paths0, paths1, sentences, labels = [], [], [], []
+  for where, rec in recs:
+    images, sentence = rec.get("images"), rec.get("sentence")
+    if not isinstance(images, list) or len(images) != 2:
+      raise BadDataError(f"{where}: 'images' must list two image paths")
+    if not isinstance(sentence, str):
+      raise BadDataError(f"{where}: 'sentence' must be a string")
+    paths0.append(_image_path({"image": images[0]}, where, image_root))
+    paths1.append(_image_path({"image": images[1]}, where, image_root))
+    sentences.append(sentence)
+    label = rec.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+      label = label.strip().lower() == "true"
+    if not isinstance(label, (bool, int)) or int(label) not in (0, 1):
+      raise BadDataError(f"{where}: 'label' must be True/False, got {label!r}")
+    labels.append(int(label))
+  where = [w for w, _ in recs]
+  text_ids, text_atts = encode_texts(sentences, where, tokenizer, max_tokens, max_words)
+  return dict(image_paths0=paths0, image_paths1=paths1, where=where, text_ids=text_ids,
+              text_atts=text_atts, label=np.asarray(labels, np.int32))

@@ -21,6 +21,10 @@ Grounding example (RefCOCO-style `{"image", "text", "bbox"}` record, fine-tuning
   with one element and no image caption: random crop keeping the box, flip (text rewritten),
   resize, colour-only RandAugment.
 
+VQA example (`{"question_id", "image", "question", "answer"}`): image [R, R, 3] f32, question
+text fields [L] i32, answer_targets [A] f32 (VqaProcessor). NLVR2 example (`{"images": [a, b],
+"sentence", "label"}`): image0, image1 [R, R, 3] f32, text fields [L] i32, label i32.
+
 Bad records (missing / undecodable image, malformed JSON, empty caption, no valid box) become
 `BadExample(where, reason)` and are logged with `logging.warning`; bad elements inside a good
 region record are dropped and reported in one warning.
@@ -149,6 +153,18 @@ class _Processor:
     return load_record_image(rec, self.image_key, self.image_root,
                              exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
 
+  def _augment(self, img: Image.Image, rng: np.random.Generator, crop_scale: tuple[float, float],
+               flipped: bool) -> np.ndarray:
+    """RandomResizedCrop -> resize R x R -> optional flip -> RandAugment -> normalised [R, R, 3]."""
+    i, j, h, w = image_ops.random_resized_crop_params(img.width, img.height, rng, crop_scale)
+    img = image_ops.resize_square(img, self.image_res, box=(j, i, j + w, i + h))
+    if flipped:
+      img = image_ops.hflip(img)
+    if self.randaug:
+      img = image_ops.rand_augment(img, rng, self.randaug_num_ops, self.randaug_magnitude,
+                                   image_ops.ALL_OPS)
+    return image_ops.normalize(img)
+
   def _flip_text(self, text: str, flipped: bool) -> str:
     return text_lib.swap_left_right(text) if flipped and self.swap_left_right else text
 
@@ -190,16 +206,9 @@ class ImageTextProcessor(_Processor):
     caption = _pick(rng, captions)
     flipped = bool(rng.random() < self.hflip_prob)
     caption = self._flip_text(caption, flipped)
-    img = self._image(rec)
-    i, j, h, w = image_ops.random_resized_crop_params(img.width, img.height, rng, self.crop_scale)
-    img = image_ops.resize_square(img, self.image_res, box=(j, i, j + w, i + h))
-    if flipped:
-      img = image_ops.hflip(img)
-    if self.randaug:
-      img = image_ops.rand_augment(img, rng, self.randaug_num_ops, self.randaug_magnitude,
-                                   image_ops.ALL_OPS)
+    image = self._augment(self._image(rec), rng, self.crop_scale, flipped)
     out = self.encoder(caption, rng)
-    out["image"] = image_ops.normalize(img)
+    out["image"] = image
     image_id = rec.get(self.image_id_key)
     if image_id is None:
       image_id = rec.get(self.image_key, where)  # base64 images without an id: the record itself
@@ -334,6 +343,108 @@ class GroundingProcessor(RegionProcessor):
     pair = region["pairs"][0]
     keys = ("text_ids", "text_atts", "target_bbox")
     return {"image": region["image"], **{k: pair[k] for k in keys}}
+
+
+def load_answer_list(path: str) -> list[str]:
+  """The VQA candidate answers: a JSON list of strings (the reference's answer_list.json)."""
+  import json
+
+  if not path:
+    raise ValueError("config.data.vqa.answer_list is empty: VQA needs the candidate answer list")
+  with open(path) as f:
+    answers = json.load(f)
+  if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+    raise ValueError(f"{path}: expected a JSON list of answer strings")
+  if len(set(answers)) != len(answers):
+    raise ValueError(f"{path}: the answer list has duplicates")
+  return answers
+
+
+def vqa_answer_targets(answers: Any, answer_index: dict[str, int]) -> np.ndarray:
+  """Soft targets [A] f32: min(1, count / 3) per listed answer for a list of human answers
+  (VQA's accuracy of that answer), 1.0 for a single string answer (VG QA). Answers outside the
+  list get no target."""
+  targets = np.zeros((len(answer_index),), np.float32)
+  if isinstance(answers, str):
+    answers = [answers]
+    per_vote = 1.0
+  else:
+    answers = _as_text_list(answers)
+    per_vote = 1.0 / 3.0
+  for a in answers:
+    k = answer_index.get(a.strip().lower())
+    if k is not None:
+      targets[k] = min(1.0, targets[k] + per_vote)
+  return targets
+
+
+class VqaProcessor(_Processor):
+  """`{"question_id", "image", "question", "answer": [str] | str}` -> VQA example: image, question
+  text fields, answer_targets [A] f32 (see `vqa_answer_targets`).
+
+  Transform: RandomResizedCrop(scale=(crop_scale_min, 1)) -> flip (p = hflip_prob) only when
+  neither the question nor an answer says "left" or "right" (reference) -> RandAugment.
+  """
+
+  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
+    super().__init__(cfg, cfg.vqa, image_res, patch_size, encoder)
+    self.crop_scale = (float(cfg.vqa.crop_scale_min), 1.0)
+    self.answer_key = cfg.vqa.answer_key
+    answers = load_answer_list(cfg.vqa.answer_list)
+    self.answer_index = {a.strip().lower(): k for k, a in enumerate(answers)}
+
+  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
+    question = rec.get(self.caption_key)
+    if not isinstance(question, str):
+      raise BadRecordError(f"{self.caption_key!r} must be a string, found {question!r:.80}")
+    answers = rec.get(self.answer_key)
+    if not (isinstance(answers, str) and answers.strip()) and not _as_text_list(answers):
+      raise BadRecordError(f"no answer in {self.answer_key!r} (found {answers!r:.80})")
+    out = self.encoder(question, rng)  # raises EmptyCaptionError for an empty question
+    words = " ".join([question] + _as_text_list(answers)).lower().split()
+    may_flip = "left" not in words and "right" not in words
+    flipped = may_flip and bool(rng.random() < self.hflip_prob)
+    out["image"] = self._augment(self._image(rec), rng, self.crop_scale, flipped)
+    out["answer_targets"] = vqa_answer_targets(answers, self.answer_index)
+    return {k: out[k] for k in ("image", "text_ids", "text_atts", "answer_targets")}
+
+
+def nlvr_label(value: Any) -> int:
+  """NLVR2 labels are "True"/"False" strings or booleans (or 0/1) -> 1/0."""
+  if isinstance(value, bool):
+    return int(value)
+  if isinstance(value, int) and value in (0, 1):
+    return value
+  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    return int(value.strip().lower() == "true")
+  raise BadRecordError(f"label must be True/False, found {value!r:.80}")
+
+
+class NlvrProcessor(_Processor):
+  """`{"images": [path0, path1], "sentence", "label"}` -> NLVR2 example: image0, image1, sentence
+  text fields, label i32. Each image gets its own crop / flip / RandAugment (reference); the
+  sentence is not rewritten ("left"/"right" name the images, not sides within one)."""
+
+  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
+    super().__init__(cfg, cfg.nlvr, image_res, patch_size, encoder)
+    self.crop_scale = (float(cfg.nlvr.crop_scale_min), 1.0)
+    self.label_key = cfg.nlvr.label_key
+
+  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
+    sentence = rec.get(self.caption_key)
+    if not isinstance(sentence, str):
+      raise BadRecordError(f"{self.caption_key!r} must be a string, found {sentence!r:.80}")
+    paths = rec.get(self.image_key)
+    if not isinstance(paths, list) or len(paths) != 2:
+      raise BadRecordError(f"{self.image_key!r} must list two images, found {paths!r:.80}")
+    label = nlvr_label(rec.get(self.label_key))
+    out = self.encoder(sentence, rng)
+    for k, path in enumerate(paths):
+      img = self._image({self.image_key: path})
+      flipped = bool(rng.random() < self.hflip_prob)
+      out[f"image{k}"] = self._augment(img, rng, self.crop_scale, flipped)
+    out["label"] = np.int32(label)
+    return {k: out[k] for k in ("image0", "image1", "text_ids", "text_atts", "label")}
 
 
 def is_bad(example: Any) -> bool:

@@ -24,7 +24,11 @@ Region batch (N = regions.max_images, Rb = regions.batch_size, P = (R / patch_si
   must not treat duplicates as each other's negatives).
 Grounding batch (B = grounding.batch_size): image [B, R, R, 3] f32; text_ids, text_atts [B, L] i32;
   target_bbox [B, 4] f32.
-All three also carry num_bad_records [] i32 (records skipped for this batch) and num_records [] i32
+VQA batch (B = vqa.batch_size, A = len(answer_list)): image [B, R, R, 3] f32; text_ids, text_atts
+  [B, L] i32 (the question); answer_targets [B, A] f32.
+NLVR2 batch (B = nlvr.batch_size): image0, image1 [B, R, R, 3] f32; text_ids, text_atts [B, L] i32;
+  label [B] i32 (1 = the sentence is true of the pair).
+All of them also carry num_bad_records [] i32 (records skipped for this batch) and num_records [] i32
 (records consumed for this batch, bad ones included); sum them over batches.
 
 A record that cannot be used is logged (`logging.warning` with file:line and reason) and skipped.
@@ -80,6 +84,25 @@ def collate_grounding(examples: Sequence[dict], rng: np.random.Generator | None 
   return batch
 
 
+def collate_vqa(examples: Sequence[dict], rng: np.random.Generator | None = None) -> dict:
+  """VQA examples -> {image [B,R,R,3] f32, text_ids/atts [B,L] i32, answer_targets [B,A] f32}."""
+  del rng
+  batch = {k: np.stack([e[k] for e in examples]).astype(np.int32) for k in ("text_ids", "text_atts")}
+  batch["image"] = np.stack([e["image"] for e in examples]).astype(np.float32)
+  batch["answer_targets"] = np.stack([e["answer_targets"] for e in examples]).astype(np.float32)
+  return batch
+
+
+def collate_nlvr(examples: Sequence[dict], rng: np.random.Generator | None = None) -> dict:
+  """NLVR2 examples -> {image0, image1 [B,R,R,3] f32, text_ids/atts [B,L] i32, label [B] i32}."""
+  del rng
+  batch = {k: np.stack([e[k] for e in examples]).astype(np.int32)
+           for k in ("text_ids", "text_atts", "label")}
+  for k in ("image0", "image1"):
+    batch[k] = np.stack([e[k] for e in examples]).astype(np.float32)
+  return batch
+
+
 class RegionCollate:
   """Region examples (one per image) -> region batch with exactly `batch_size` pairs."""
 
@@ -102,6 +125,28 @@ class RegionCollate:
     batch["is_image"] = np.array([p["is_image"] for p in pairs], np.float32)
     batch["pair_id"] = np.asarray(sel, np.int32)
     return batch
+
+
+PAIR_ID_STRIDE = 1 << 20  # pair ids of process p are offset by p * this (one batch: < 2**20 pairs)
+
+
+def to_global_indices(batch: dict, process_index: int) -> dict:
+  """A process's batch with its batch-local indices made unique in the global batch.
+
+  The global batch concatenates the processes' batches along dim 0, so a region batch's
+  `idx_to_group_img [Rb]` (into this process's `image [N, ...]`) is offset by `process_index * N`
+  and its `pair_id [Rb]` by `process_index * PAIR_ID_STRIDE` (equal ids mean "the same pair",
+  which must never match a pair of another process). Other batches hold no such indices
+  (`image_idx` is a hash of the image id, global already). Returns a new dict.
+  """
+  if process_index == 0 or "idx_to_group_img" not in batch:
+    return batch
+  if int(np.max(batch["pair_id"], initial=0)) >= PAIR_ID_STRIDE:
+    raise ValueError(f"pair_id {int(np.max(batch['pair_id']))} >= {PAIR_ID_STRIDE}")
+  out = dict(batch)
+  out["idx_to_group_img"] = batch["idx_to_group_img"] + process_index * batch["image"].shape[0]
+  out["pair_id"] = batch["pair_id"] + process_index * PAIR_ID_STRIDE
+  return out
 
 
 class _BadRecordLimit:
@@ -259,8 +304,8 @@ def make_iterator(
     shard_count: int = 1,
     tokenizer: text_lib.Tokenizer | None = None,
 ) -> grain.DatasetIterator:
-  """Infinite iterator of `kind` batches ('image_text', 'regions' or 'grounding'; see the module
-  docstring) read from `cfg.<kind>`; `seed=None` uses cfg.seed."""
+  """Infinite iterator of `kind` batches ('image_text', 'regions', 'grounding', 'vqa' or 'nlvr';
+  see the module docstring) read from `cfg.<kind>`; `seed=None` uses cfg.seed."""
   if kind == "image_text":
     sub, processor_cls, collate = cfg.image_text, examples_lib.ImageTextProcessor, collate_image_text
     examples_per_batch = sub.batch_size
@@ -271,8 +316,15 @@ def make_iterator(
   elif kind == "grounding":
     sub, processor_cls, collate = cfg.grounding, examples_lib.GroundingProcessor, collate_grounding
     examples_per_batch = sub.batch_size
+  elif kind == "vqa":
+    sub, processor_cls, collate = cfg.vqa, examples_lib.VqaProcessor, collate_vqa
+    examples_per_batch = sub.batch_size
+  elif kind == "nlvr":
+    sub, processor_cls, collate = cfg.nlvr, examples_lib.NlvrProcessor, collate_nlvr
+    examples_per_batch = sub.batch_size
   else:
-    raise ValueError(f"unknown batch kind {kind!r}: expected image_text, regions or grounding")
+    raise ValueError(f"unknown batch kind {kind!r}: expected image_text, regions, grounding, vqa "
+                     "or nlvr")
   seed = cfg.seed if seed is None else seed
   encoder = text_lib.TextEncoder.from_config(cfg, tokenizer)
   processor = processor_cls(cfg, image_res, patch_size, encoder)

@@ -137,6 +137,7 @@ class VisionTransformer(nn.Module):
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.1
   abs_pos_emb: bool = False  # BEiT's optional absolute position embedding (X2-VLM: off)
+  pos_emb_init_std: float = 0.02  # its (truncated normal) init std
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -169,7 +170,8 @@ class VisionTransformer(nn.Module):
                         axis=1)
     if self.abs_pos_emb:
       pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
-          layers.default_kernel_init, (None, None, "embed")), (1, x.shape[1], self.width),
+          nn.initializers.truncated_normal(stddev=self.pos_emb_init_std), (None, None, "embed")),
+                             (1, x.shape[1], self.width),
                              self.param_dtype)
       x = x + pos_embed.astype(x.dtype)
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))

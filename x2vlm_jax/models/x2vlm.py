@@ -41,6 +41,9 @@ class X2VLM(nn.Module):
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.1
   vision_abs_pos_emb: bool = False  # learned absolute position embedding (not in X2-VLM's BEiT-2)
+  # Its init std. BEiT's 0.02 leaves positions ~4% of a patch's signal; a from-scratch model that
+  # must regress boxes learns far faster with O(1) positions (the demo uses 0.5).
+  vision_pos_emb_init_std: float = 0.02
   num_frames: int = 0  # > 0: learned frame position embedding for `num_frames` video frames
   # Text + fusion (BERT).
   vocab_size: int = 30522
@@ -57,6 +60,8 @@ class X2VLM(nn.Module):
   mlm_head: bool = True
   # Heads.
   embed_dim: int = 256
+  vqa_num_answers: int = 0  # > 0: VQA as classification over this answer list (`vqa_head`)
+  nlvr_head: bool = False  # NLVR2: a 2-way head on the two fused [CLS] concatenated (`nlvr_cls`)
   temp_init: float = 0.07
   # Execution.
   remat: bool = False
@@ -70,6 +75,7 @@ class X2VLM(nn.Module):
         depth=self.vision_depth, num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
         drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
+        pos_emb_init_std=self.vision_pos_emb_init_std,
         remat=self.remat, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
@@ -84,6 +90,10 @@ class X2VLM(nn.Module):
         nn.initializers.constant(self.temp_init), ()), (), jnp.float32)
     self.itm_head = layers.MlpHead(2, 2 * self.text_width, **kw)
     self.bbox_head = layers.MlpHead(4, 2 * self.text_width, **kw)
+    if self.vqa_num_answers > 0:
+      self.vqa_head = layers.MlpHead(self.vqa_num_answers, 2 * self.text_width, **kw)
+    if self.nlvr_head:
+      self.nlvr_cls = layers.MlpHead(2, 4 * self.text_width, **kw)
     if self.num_frames > 0:
       self.frame_pos_embed = self.param(
           "frame_pos_embed",
@@ -164,6 +174,15 @@ class X2VLM(nn.Module):
     return self.predict_box(self.fuse(image_embeds, image_atts, text_embeds, text_atts,
                                       deterministic))
 
+  def vqa_logits(self, cross_embeds: jax.Array) -> jax.Array:
+    """[B, L, H] fused question -> [B, A] answer logits (VQA as classification)."""
+    return self.vqa_head(cross_embeds[:, 0]).astype(jnp.float32)
+
+  def nlvr_logits(self, cross_0: jax.Array, cross_1: jax.Array) -> jax.Array:
+    """The sentence fused with each of the two images, [B, L, H] each -> [B, 2] (1 = true)."""
+    pair = jnp.concatenate([cross_0[:, 0], cross_1[:, 0]], axis=-1)
+    return self.nlvr_cls(pair).astype(jnp.float32)
+
   def mlm_logits(self, text_ids_masked: jax.Array, text_atts: jax.Array, vision_embeds: jax.Array,
                  vision_atts: jax.Array, masked_pos: jax.Array,
                  deterministic: bool = True) -> jax.Array:
@@ -187,6 +206,10 @@ class X2VLM(nn.Module):
     out = dict(image_feat=self.image_features(image_embeds),
                text_feat=self.text_features(text_embeds), itm_logits=self.itm_logits(cross),
                box=self.predict_box(cross), temp=self.clamped_temp())
+    if self.vqa_num_answers > 0:
+      out["vqa_logits"] = self.vqa_logits(cross)
+    if self.nlvr_head:
+      out["nlvr_logits"] = self.nlvr_logits(cross, cross)
     if self.mlm_head:
       out["mlm_logits"] = self.mlm_logits(text_ids, text_atts, image_embeds, image_atts,
                                           jnp.zeros((text_ids.shape[0], 1), jnp.int32),
