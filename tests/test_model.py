@@ -1,12 +1,13 @@
 """Model structure: the reference's exact parameter counts, dtypes, regions and video paths."""
 import jax
+import ml_collections
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 import pytest
 
 from configs import x2vlm_base, x2vlm_large
-from x2vlm_jax.models import x2vlm
+from x2vlm_jax.models import layers, x2vlm
 from x2vlm_jax.models.vit import relative_position_index
 
 TINY = dict(image_res=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2,
@@ -87,3 +88,25 @@ def test_optional_absolute_position_embedding_adds_one_table():
   with_pos = x2vlm.abstract_variables(x2vlm.X2VLM(vision_abs_pos_emb=True, **TINY))["params"]
   assert x2vlm.count_params(with_pos) - base == (1 + 4) * 32
   assert nn.meta.unbox(with_pos)["vision"]["pos_embed"].shape == (1, 5, 32)
+
+
+def test_remat_policies_give_the_same_gradients(tiny):
+  """Rematerialisation trades memory for compute; it must not change a single gradient."""
+  _, variables, images, ids, atts = tiny
+
+  def grads(**remat):
+    model = x2vlm.X2VLM(num_frames=3, **TINY, **remat)
+
+    def loss(params):
+      out = model.apply({"params": params}, images, ids, atts)
+      return (jnp.sum(out["itm_logits"]) + jnp.sum(out["box"]) + jnp.sum(out["mlm_logits"] ** 2)
+              + jnp.sum(out["image_feat"] * out["text_feat"]))
+
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(variables["params"]))
+
+  reference = grads()
+  for policy in sorted(layers.REMAT_POLICIES):
+    for got, want in zip(grads(remat=True, remat_policy=policy), reference):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=policy)
+  with pytest.raises(ValueError, match="remat_policy 'dots'"):
+    x2vlm.build_model(ml_collections.ConfigDict(dict(x2vlm.model_config(), remat_policy="dots")))

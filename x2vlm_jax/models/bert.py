@@ -176,6 +176,7 @@ class BertModel(nn.Module):
   attention_dropout: float = 0.1
   mlm_head: bool = True
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -184,7 +185,9 @@ class BertModel(nn.Module):
     self.embeddings = Embeddings(self.vocab_size, self.width, self.max_position,
                                  self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout,
                                  **kw)
-    layer_cls = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+    layer_cls = (nn.remat(BertLayer, static_argnums=(5,),
+                          policy=layers.remat_policy(self.remat_policy))
+                 if self.remat else BertLayer)
     self.layer = [
         layer_cls(self.num_heads, self.mlp_dim, i >= self.fusion_start, self.layer_norm_eps,
                   self.hidden_dropout, self.attention_dropout, **kw)

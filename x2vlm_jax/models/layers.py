@@ -122,3 +122,19 @@ class MlpHead(nn.Module):
     x = layer_norm(1e-5, name="norm", **kw)(x)
     x = gelu(x)
     return dense(self.num_outputs, ("mlp", "classes"), name="dense_1", **kw)(x)
+
+
+# `model.remat_policy`: what a rematerialised layer keeps from the forward pass.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute all (least memory)
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+    # keep matmul outputs without batch dims (weights-side products; attention scores recomputed)
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy called `name` (one of REMAT_POLICIES)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy {name!r}: expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]

@@ -139,6 +139,7 @@ class VisionTransformer(nn.Module):
   abs_pos_emb: bool = False  # BEiT's optional absolute position embedding (X2-VLM: off)
   pos_emb_init_std: float = 0.02  # its (truncated normal) init std
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -176,7 +177,8 @@ class VisionTransformer(nn.Module):
       x = x + pos_embed.astype(x.dtype)
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    block_cls = (nn.remat(Block, static_argnums=(2,), policy=layers.remat_policy(self.remat_policy))
+                 if self.remat else Block)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, self.grid, self.layer_norm_eps,

@@ -64,7 +64,8 @@ class X2VLM(nn.Module):
   nlvr_head: bool = False  # NLVR2: a 2-way head on the two fused [CLS] concatenated (`nlvr_cls`)
   temp_init: float = 0.07
   # Execution.
-  remat: bool = False
+  remat: bool = False  # rematerialise each ViT block and BERT layer in the backward pass
+  remat_policy: str = "nothing_saveable"  # what they keep: layers.REMAT_POLICIES
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -76,14 +77,15 @@ class X2VLM(nn.Module):
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
         drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
         pos_emb_init_std=self.vision_pos_emb_init_std,
-        remat=self.remat, **kw)
+        remat=self.remat, remat_policy=self.remat_policy, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
         num_layers=self.text_layers + self.fusion_layers, fusion_start=self.text_layers,
         num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_position=self.max_position,
         type_vocab_size=self.type_vocab_size, layer_norm_eps=self.text_layer_norm_eps,
         hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
-        mlm_head=self.mlm_head, remat=self.remat, **kw)
+        mlm_head=self.mlm_head, remat=self.remat, remat_policy=self.remat_policy,
+        **kw)
     self.vision_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
     self.text_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
     self.temp = self.param("temp", nn.with_logical_partitioning(
@@ -259,4 +261,5 @@ def build_model(model_cfg) -> X2VLM:
     if kwargs.get(key) not in _DTYPES:
       raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")
     kwargs[key] = _DTYPES[kwargs[key]]
+  layers.remat_policy(kwargs.get("remat_policy", "nothing_saveable"))  # a typo fails here
   return X2VLM(**kwargs)
