@@ -123,3 +123,20 @@ def test_answer_list_must_match_the_head(demo_dir, tmp_path):
   config.model.vqa_num_answers = 12
   with pytest.raises(ValueError, match="lists 11 answers but config.model.vqa_num_answers is 12"):
     cli.pretrain(config, str(tmp_path / "bad"))
+
+
+def test_evaluation_splits_name_the_bad_record(demo_dir, tmp_path):
+  from x2vlm_jax.data import eval_data
+
+  vocab = os.path.join(demo_dir, "vocab.txt")
+  path = tmp_path / "nlvr.jsonl"
+  path.write_text(json.dumps({"images": ["a.png", "b.png"], "sentence": "a red circle",
+                              "label": "True"}) + "\n"
+                  + json.dumps({"images": ["a.png", "b.png"], "sentence": "a red circle",
+                                "label": "maybe"}) + "\n")
+  with pytest.raises(eval_data.BadDataError, match=f"{path}:2: label must be True/False"):
+    eval_data.load_nlvr_eval(str(path), demo_dir, vocab, 16)
+  path = tmp_path / "vqa.jsonl"
+  path.write_text(json.dumps({"image": "a.png", "question": "what colour"}) + "\n")
+  with pytest.raises(eval_data.BadDataError, match=f"{path}:1: record has no 'question_id'"):
+    eval_data.load_vqa_eval(str(path), demo_dir, vocab, 16)

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from x2vlm_jax.data import examples as examples_lib
 from x2vlm_jax.data import image_ops
 from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
@@ -186,6 +187,14 @@ def load_grounding_eval(
               bbox_xywh=np.asarray(boxes, np.float32).reshape(-1, 4), image_size=sizes)
 
 
+def _read_split(jsonl: str, what: str) -> list[tuple[str, dict]]:
+  """Every record of an evaluation split, refusing an empty one."""
+  recs = _read_records(jsonl)
+  if not recs:
+    raise BadDataError(f"{jsonl}: no {what}")
+  return recs
+
+
 def load_vqa_eval(
     jsonl: str,
     image_root: str,
@@ -198,11 +207,7 @@ def load_vqa_eval(
   images left on disk (read batch by batch by the evaluation): dict(question_id [list],
   image_paths [Q], where [Q], text_ids [Q, L] i32, text_atts [Q, L] i32, answers: list of lists
   of human answers, or None when any record has none (a test split))."""
-  tokenizer = _as_tokenizer(tokenizer)
-  max_words = max_tokens if max_words is None else max_words
-  recs = _read_records(jsonl)
-  if not recs:
-    raise BadDataError(f"{jsonl}: no questions")
+  recs = _read_split(jsonl, "questions")
   qids, paths, questions, answers = [], [], [], []
   for where, rec in recs:
     if "question_id" not in rec:
@@ -218,7 +223,8 @@ def load_vqa_eval(
   where = [w for w, _ in recs]
   if len(set(map(str, qids))) != len(qids):
     raise BadDataError(f"{jsonl}: question_id values repeat")
-  text_ids, text_atts = encode_texts(questions, where, tokenizer, max_tokens, max_words)
+  text_ids, text_atts = encode_texts(questions, where, _as_tokenizer(tokenizer), max_tokens,
+                                     max_tokens if max_words is None else max_words)
   return dict(question_id=qids, image_paths=paths, where=where, text_ids=text_ids,
               text_atts=text_atts,
               answers=None if any(a is None for a in answers) else answers)
@@ -234,11 +240,7 @@ def load_nlvr_eval(
 ) -> dict:
   """NLVR2 examples `{"images": [a, b], "sentence", "label"}`, images left on disk:
   dict(image_paths0 [N], image_paths1 [N], where [N], text_ids/atts [N, L] i32, label [N] i32)."""
-  tokenizer = _as_tokenizer(tokenizer)
-  max_words = max_tokens if max_words is None else max_words
-  recs = _read_records(jsonl)
-  if not recs:
-    raise BadDataError(f"{jsonl}: no examples")
+  recs = _read_split(jsonl, "examples")
   paths0, paths1, sentences, labels = [], [], [], []
   for where, rec in recs:
     images, sentence = rec.get("images"), rec.get("sentence")
@@ -249,13 +251,12 @@ def load_nlvr_eval(
     paths0.append(_image_path({"image": images[0]}, where, image_root))
     paths1.append(_image_path({"image": images[1]}, where, image_root))
     sentences.append(sentence)
-    label = rec.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-      label = label.strip().lower() == "true"
-    if not isinstance(label, (bool, int)) or int(label) not in (0, 1):
-      raise BadDataError(f"{where}: 'label' must be True/False, got {label!r}")
-    labels.append(int(label))
+    try:
+      labels.append(examples_lib.nlvr_label(rec.get("label")))
+    except records.BadRecordError as e:
+      raise BadDataError(f"{where}: {e}") from e
   where = [w for w, _ in recs]
-  text_ids, text_atts = encode_texts(sentences, where, tokenizer, max_tokens, max_words)
+  text_ids, text_atts = encode_texts(sentences, where, _as_tokenizer(tokenizer), max_tokens,
+                                     max_tokens if max_words is None else max_words)
   return dict(image_paths0=paths0, image_paths1=paths1, where=where, text_ids=text_ids,
               text_atts=text_atts, label=np.asarray(labels, np.int32))
