@@ -119,15 +119,22 @@ def grounding_objective(m, batch, rng, deterministic: bool = True):
   return {"bbox_l1": l1, "bbox_giou": giou}
 
 
-def vqa_classification_objective(m, batch, rng, deterministic: bool = True):
-  """VQA as classification (the reference's `XVLMForVQAClassification`): image, question
-  `text_ids/atts [B, L]`, answer scores `answer_targets [B, A]` -> {'vqa'} (soft BCE)."""
-  del rng
+def vqa_logits(m, batch, deterministic: bool = True) -> jax.Array:
+  """VQA-as-classification forward: `image [B, H, W, 3]`, question `text_ids/atts [B, L]` ->
+  answer logits [B, A] from the fused [CLS]."""
   image_embeds = m.encode_image(batch["image"], deterministic)
   image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
   text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
   cross = m.fuse(image_embeds, image_atts, text_embeds, batch["text_atts"], deterministic)
-  return {"vqa": losses.soft_bce_loss(m.vqa_logits(cross), batch["answer_targets"])}
+  return m.vqa_logits(cross)
+
+
+def vqa_classification_objective(m, batch, rng, deterministic: bool = True):
+  """VQA as classification (the reference's `XVLMForVQAClassification`): batch as `vqa_logits`
+  + answer scores `answer_targets [B, A]` -> {'vqa'} (soft BCE)."""
+  del rng
+  return {"vqa": losses.soft_bce_loss(vqa_logits(m, batch, deterministic),
+                                      batch["answer_targets"])}
 
 
 def nlvr_logits(m, batch, deterministic: bool = True) -> jax.Array:

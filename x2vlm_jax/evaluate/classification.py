@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -30,12 +29,8 @@ def make_vqa_fn(model) -> Callable[..., jax.Array]:
   """jit(params, images [B,R,R,3], ids [B,L], atts [B,L]) -> answer logits [B, A] float32."""
 
   def fn(params, images, ids, atts):
-    def f(m, x, i, a):
-      image_embeds = m.encode_image(x)
-      cross = m.fuse(image_embeds, jnp.ones(image_embeds.shape[:2], jnp.int32),
-                     m.encode_text(i, a), a)
-      return m.vqa_logits(cross)
-    return model.apply({"params": params}, images, ids, atts, method=f)
+    batch = dict(image=images, text_ids=ids, text_atts=atts)
+    return model.apply({"params": params}, batch, method=objectives.vqa_logits)
 
   return jax.jit(fn)
 
