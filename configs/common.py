@@ -49,9 +49,23 @@ def train_config() -> ml_collections.ConfigDict:
       grounding_weight=0.0,  # {"image", "text", "bbox"} batches: box L1 + GIoU
       vqa_weight=0.0,  # {"image", "question", "answer"} batches: soft BCE over model.vqa_num_answers
       nlvr_weight=0.0,  # {"images": [a, b], "sentence", "label"} batches: 2-way cross-entropy
+      # data.vqa batches for the answer decoder (model.vqa_decoder_layers): weighted answer NLL
+      vqa_generative_weight=0.0,
+      # Video (data.video_text / data.video_qa; frames through model.encode_video): video-text
+      # ITC + ITM + MLM (stage-2 pre-training, mixed with image and region batches by these
+      # weights), video retrieval ITC + ITM (MSR-VTT), video QA cross-entropy over the answer list.
+      video_text_weight=0.0,
+      video_retrieval_weight=0.0,
+      video_qa_weight=0.0,
+      # data.captioning batches (COCO captioning as MLM generation, model.mlm_head): the
+      # label-smoothed KL loss at the inserted [MASK]s, smoothing caption_label_smoothing.
+      captioning_weight=0.0,
+      caption_label_smoothing=0.1,
       # Weight of each loss term inside a batch kind (reference: all 1).
       loss_weights=ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, bbox_l1=1.0,
-                                                  bbox_giou=1.0, vqa=1.0, nlvr=1.0)),
+                                                  bbox_giou=1.0, vqa=1.0, nlvr=1.0,
+                                                  vqa_answer=1.0, video_qa=1.0,
+                                                  caption=1.0)),
       # The reference scales the encoders' ITC gradient by 1/world_size (its AllGather backward);
       # 1.0 = the exact gradient of the global loss. Set 1/W to reproduce the reference.
       itc_feature_grad_scale=1.0,
@@ -78,6 +92,11 @@ def eval_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       retrieval_file="",  # {"image", "caption": [..]} JSONL for zero-shot retrieval
       retrieval_image_root="",
+      # {"image", "caption": {lang: [..]}} JSONL (Multi30K / multilingual COCO test): one image set,
+      # TR/IR@k per language as eval/retrieval/<lang>/..., and their mean as eval/retrieval/mean/...
+      multilingual_retrieval_file="",
+      multilingual_retrieval_image_root="",
+      multilingual_retrieval_languages=(),  # () = the languages of the first record
       # {"image", "text", "bbox"} JSONL files, one per split (val, testA, ...): Acc@0.5 and mIoU
       # each, as eval/grounding/<file stem>/acc
       grounding_files=(),
@@ -87,8 +106,26 @@ def eval_config() -> ml_collections.ConfigDict:
       # records carry human answers, and vqa_<split>.json predictions (official result format).
       vqa_files=(),
       vqa_image_root="",
+      vqa_k_test=128,  # answer decoder: candidates re-scored per question (by first-token prob.)
       nlvr_files=(),  # NLVR2 examples, one file per split -> accuracy
       nlvr_image_root="",
+      # {"video", "caption": [..]} JSONL (MSR-VTT 1k-A): TR/IR@1/5/10 as eval/video_retrieval/...,
+      # frames as data.video_text (num_frames; uniform, or fps sampling)
+      video_retrieval_file="",
+      video_k_test=128,  # its ITM re-ranking depth
+      # {"video", "question", "answer"} JSONL, one per split (answers: data.video_qa.answer_list):
+      # accuracy as eval/video_qa/<file stem>/acc (answers outside the list count as wrong)
+      video_qa_files=(),
+      video_root="",  # relative video paths of both are joined to this
+      # {"image", optional "image_id", "caption": [references]} JSONL, one per split: captions
+      # decoded from "[CLS] " + data.captioning.prompt, written as captions_<split>.json (COCO
+      # result format), scored as eval/caption/<split>/bleu_4 and .../cider when references exist
+      caption_files=(),
+      caption_image_root="",
+      caption_beams=3,  # 1: greedy
+      caption_max_length=50,  # generated tokens at most
+      caption_min_length=5,  # [SEP] is forbidden before this many tokens
+      caption_length_penalty=0.0,  # > 0: finished scores / ((5 + length) / 6) ** this
       k_test=16,  # ITM re-ranking depth (reference: 256 COCO, 128 Flickr)
       batch_size=32,
       checkpoint="",  # for --mode eval: Orbax dir (a params-only or a training checkpoint)

@@ -2,10 +2,17 @@
 
 Accepted inputs: `torch.load(path)` giving `{'model': state_dict, ...}` or a bare state dict, with
 text keys as pre-training releases write them (`text_encoder.bert.*`, MLM head `text_encoder.cls.*`)
-or as fine-tuned releases write them (`text_encoder.*`, no MLM head).
+or as fine-tuned releases write them (`text_encoder.*`, no MLM head); a VQA release's answer
+decoder (`text_decoder.bert.*`, `text_decoder.cls.*`) goes to `answer_decoder/...`.
+
+XLM-R text encoders are rewritten onto that layout first (`canonical_keys`): a transformers
+XLMRobertaModel / XLMRobertaForMaskedLM state dict (`roberta.*` or bare, MLM head `lm_head.*`) and
+the reference's CCLM / multilingual X2-VLM layout (`XVLMPlusBase`: XLM-R `text_encoder.*`, BERT
+fusion layers `cross_encoder.encoder.layer.*`, untied MLM head `mlm_head.predictions.*`).
 
 Buffers are checked, not loaded: `relative_position_index` must equal the index our model builds,
-`position_ids` must be `arange`, and the MLM decoder must be tied to the word embeddings.
+`position_ids` must be `arange`, and the MLM decoder must be tied to the word embeddings (unless
+the model has its own decoder, `model.mlm_decoder_tied=False`, which then receives it).
 Relative position tables are resized when the checkpoint was trained at another image resolution.
 Any unmatched checkpoint key, missing model parameter or shape mismatch raises `ConversionError`
 with the full list.
@@ -45,7 +52,7 @@ def _frames(w: np.ndarray) -> np.ndarray:  # [1, F, 1, D] -> [F, 1, D]
   return w.reshape(w.shape[1:])
 
 
-_T = r"text_encoder\.(?:bert\.)?"
+_T = r"text_encoder\.(?:bert\.|roberta\.)?"
 _L = r"encoder\.layer\.(\d+)\."
 _B = r"vision_encoder\.blocks\.(\d+)\."
 
@@ -92,6 +99,9 @@ NAME_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (_T + _L + r"output\.LayerNorm\.weight", r"text/layer_\1/output/LayerNorm/scale", _same),
     (_T + _L + r"output\.LayerNorm\.bias", r"text/layer_\1/output/LayerNorm/bias", _same),
     (r"text_encoder\.cls\.predictions\.bias", "text/mlm_bias", _same),
+    # Only for a model with an untied decoder (model.mlm_decoder_tied=False, e.g. CCLM's mlm_head);
+    # otherwise the key is checked to equal the word embeddings.
+    (r"text_encoder\.cls\.predictions\.decoder\.weight", "text/mlm_decoder/kernel", _linear),
     (r"text_encoder\.cls\.predictions\.transform\.dense\.weight", "text/mlm_transform/dense/kernel", _linear),
     (r"text_encoder\.cls\.predictions\.transform\.dense\.bias", "text/mlm_transform/dense/bias", _same),
     (r"text_encoder\.cls\.predictions\.transform\.LayerNorm\.weight", "text/mlm_transform/LayerNorm/scale", _same),
@@ -105,6 +115,9 @@ NAME_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (r"(itm_head|bbox_head|cls_head)\.3\.weight", r"\1/dense_1/kernel", _linear),
     (r"(itm_head|bbox_head|cls_head)\.3\.bias", r"\1/dense_1/bias", _same),
 ]
+
+# The generative-VQA answer decoder's keys (converted with the text encoder's table).
+_ANSWER_DECODER_KEY = "text_decoder."
 
 # Keys that are checked against what they must equal rather than loaded.
 _REL_INDEX = re.compile(_B + r"attn\.relative_position_index")
@@ -134,8 +147,60 @@ def is_rel_pos_table(name: str) -> bool:
   return bool(_REL_TABLE_PATH.fullmatch(name))
 
 
+# transformers' XLM-R MLM head -> the BERT names of the table.
+_LM_HEAD = (("lm_head.dense.", "cls.predictions.transform.dense."),
+            ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
+            ("lm_head.decoder.", "cls.predictions.decoder."),
+            ("lm_head.bias", "cls.predictions.bias"))
+_X2VLM_PREFIXES = ("vision_encoder.", "text_encoder.", "cross_encoder.", _ANSWER_DECODER_KEY)
+_HF_TEXT_PREFIXES = ("roberta.", "embeddings.", "encoder.layer.", "lm_head.", "pooler.")
+_TEXT_LAYER = re.compile(_T + _L)
+_CROSS_LAYER = re.compile(r"cross_encoder\.encoder\.layer\.(\d+)\.(.*)")
+
+
+def canonical_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Rewrites XLM-R text-encoder layouts onto X2-VLM's key names (others pass through unchanged).
+
+  transformers XLMRobertaModel / XLMRobertaForMaskedLM (no X2-VLM prefix anywhere; keys
+  `roberta.*` or bare `embeddings.*` / `encoder.*`): -> `text_encoder.*`, MLM head
+  `lm_head.{dense,layer_norm,decoder,bias}` -> `text_encoder.cls.predictions.{transform.dense,
+  transform.LayerNorm,decoder,bias}`; the pooler is dropped (X2-VLM has none, and the reference
+  loads XLM-R weights non-strictly).
+  CCLM (`XVLMPlusBase`): `cross_encoder.encoder.layer.k.*` -> `text_encoder.encoder.layer.{T+k}.*`
+  with T = the checkpoint's number of text layers; `mlm_head.predictions.*` ->
+  `text_encoder.cls.predictions.*` (its decoder is untied: convert into model.mlm_decoder_tied=False).
+  """
+  keys = list(state)
+  if not any(k.startswith(_X2VLM_PREFIXES) for k in keys) and any(
+      k.startswith(_HF_TEXT_PREFIXES) for k in keys):
+    out = {}
+    for key, value in state.items():
+      name = key[len("roberta."):] if key.startswith("roberta.") else key
+      if name.startswith("pooler."):
+        continue
+      for old, new in _LM_HEAD:
+        if name.startswith(old):
+          name = new + name[len(old):]
+          break
+      out["text_encoder." + name] = value
+    return out
+  if not any(k.startswith(("cross_encoder.", "mlm_head.")) for k in keys):
+    return dict(state)
+  text_layers = 1 + max((int(m.group(1)) for m in map(_TEXT_LAYER.match, keys) if m), default=-1)
+  out = {}
+  for key, value in state.items():
+    cross = _CROSS_LAYER.fullmatch(key)
+    if cross:
+      key = f"text_encoder.encoder.layer.{text_layers + int(cross.group(1))}.{cross.group(2)}"
+    elif key.startswith("mlm_head.predictions."):
+      key = "text_encoder.cls." + key[len("mlm_head."):]
+    out[key] = value
+  return out
+
+
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """`torch.load` a checkpoint (with or without the 'model' wrapper) -> name -> float numpy array."""
+  """`torch.load` a checkpoint (with or without the 'model' wrapper) -> name -> float numpy array,
+  with XLM-R layouts renamed by `canonical_keys`."""
   import torch  # conversion-time dependency only
 
   obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -145,10 +210,10 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     obj = obj["module"]
   if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
     raise ConversionError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
-  state = {k: v.detach().cpu().numpy() for k, v in obj.items()}
+  state = canonical_keys({k: v.detach().cpu().numpy() for k, v in obj.items()})
   if not any(k.startswith(("vision_encoder.", "text_encoder.")) for k in state):
     sample = ", ".join(sorted(state)[:5])
-    raise ConversionError(f"{path}: not an X2-VLM checkpoint: no 'vision_encoder.*' or "
+    raise ConversionError(f"{path}: not an X2-VLM checkpoint (nor XLM-R): no 'vision_encoder.*' or "
                           f"'text_encoder.*' keys (first keys: {sample})")
   return state
 
@@ -224,6 +289,26 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[s
   Raises:
     ConversionError listing unexpected keys, missing params and shape mismatches.
   """
+  state = canonical_keys(state)
+  decoder_keys = [k for k in state if k.startswith(_ANSWER_DECODER_KEY)]
+  if decoder_keys:
+    # The generative-VQA decoder (reference `text_decoder.bert.*` / `text_decoder.cls.*`) has the
+    # text encoder's layout: convert it as one, onto `answer_decoder/...`.
+    as_text = {"text_encoder." + k[len(_ANSWER_DECODER_KEY):]: state[k] for k in decoder_keys}
+    decoder_shapes = {"text/" + p[len("answer_decoder/"):]: s
+                      for p, s in target_shapes.items() if p.startswith("answer_decoder/")}
+    decoder_allowed = tuple("text/" + p[len("answer_decoder/"):] if p.startswith("answer_decoder/")
+                            else p for p in allow_missing if not p.startswith("text/"))
+    decoder_params, decoder_missing = convert_state_dict(
+        as_text, decoder_shapes, allow_missing=decoder_allowed,
+        source=f"{source} (text_decoder.*)")
+    state = {k: v for k, v in state.items() if not k.startswith(_ANSWER_DECODER_KEY)}
+    target_shapes = {p: s for p, s in target_shapes.items() if not p.startswith("answer_decoder/")}
+    rest, allowed = convert_state_dict(state, target_shapes, allow_missing=allow_missing,
+                                       source=source)
+    rest.update({"answer_decoder/" + p[len("text/"):]: v for p, v in decoder_params.items()})
+    return rest, allowed + ["answer_decoder/" + p[len("text/"):] for p in decoder_missing]
+
   params: dict[str, np.ndarray] = {}
   unexpected, mismatched, buffer_errors = [], [], []
   word_embeddings = next((v for k, v in state.items() if _WORD_EMBEDDINGS.fullmatch(k)), None)
@@ -236,9 +321,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[s
       if not np.array_equal(value.reshape(-1), np.arange(value.size)):
         buffer_errors.append(f"{key}: position_ids is not arange({value.size})")
       continue
-    if _DECODER_WEIGHT.fullmatch(key):
+    if _DECODER_WEIGHT.fullmatch(key) and "text/mlm_decoder/kernel" not in target_shapes:
       if word_embeddings is None or not np.array_equal(value, word_embeddings):
-        buffer_errors.append(f"{key}: MLM decoder weight is not tied to the word embeddings")
+        buffer_errors.append(f"{key}: MLM decoder weight is not tied to the word embeddings "
+                             "(a separate decoder, as CCLM's: model.mlm_decoder_tied=False)")
       continue
     if _DECODER_BIAS.fullmatch(key):
       if mlm_bias is None or not np.array_equal(value, mlm_bias):
@@ -344,3 +430,33 @@ def params_for_model(state: Mapping[str, np.ndarray], model, *, allow_missing: t
     for p in missing:
       params[p] = np.asarray(fresh[p])
   return unflatten({p: np.asarray(v, dtype=abstract[p].dtype) for p, v in params.items()}), missing
+
+
+def answer_decoder_from_fusion(flat: Mapping[str, np.ndarray], *, text_layers: int,
+                               fusion_layers: int, decoder_layers: int) -> dict[str, np.ndarray]:
+  """Initial generative-VQA decoder params from a pre-trained text stack (reference `XVLMForVQA`).
+
+  Decoder layer k <- text layer `text_layers + k` when the decoder is as deep as the fusion stack,
+  or the odd fusion layers `text_layers + 2k + 1` when it is half as deep; the decoder's
+  embeddings and LM head <- the text encoder's. Cross-attention weights are copied too (the caller
+  drops them when the vision and text widths differ and their shapes do not fit).
+  flat: '/'-joined names (`text/...`) -> arrays. Returns `answer_decoder/...` -> arrays.
+  """
+  if decoder_layers == fusion_layers:
+    sources = [text_layers + k for k in range(decoder_layers)]
+  elif 2 * decoder_layers == fusion_layers:
+    sources = [text_layers + 2 * k + 1 for k in range(decoder_layers)]
+  else:
+    raise ValueError(f"model.vqa_decoder_layers {decoder_layers} must equal the fusion layers "
+                     f"({fusion_layers}) or half of them to initialise from them")
+  out = {}
+  for name, value in flat.items():
+    if not name.startswith("text/"):
+      continue
+    rest = name[len("text/"):]
+    layer = re.fullmatch(r"layer_(\d+)/(.*)", rest)
+    if layer is None:
+      out[f"answer_decoder/{rest}"] = value  # embeddings, mlm_transform, mlm_bias
+    elif int(layer.group(1)) in sources:
+      out[f"answer_decoder/layer_{sources.index(int(layer.group(1)))}/{layer.group(2)}"] = value
+  return out

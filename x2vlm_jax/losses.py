@@ -125,7 +125,56 @@ def soft_bce_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(per_class, axis=-1))
 
 
+def sequence_nll(logits: jax.Array, ids: jax.Array, atts: jax.Array) -> jax.Array:
+  """Teacher-forced negative log-likelihood of each sequence, summed over its tokens.
+
+  logits [N, T, V] (position t predicts token t + 1), ids / atts [N, T] (`[CLS] ... [SEP]` + pad).
+  Tokens 1..T-1 with atts = 1 are scored (the reference's shifted LM loss with pad -> -100,
+  reduction 'none' then summed per sequence). Returns [N] float32.
+  """
+  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  targets = ids[:, 1:]
+  token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return -jnp.sum(jnp.where(atts[:, 1:] > 0, token_ll, 0.0), axis=-1)
+
+
+def weighted_answer_loss(answer_nll: jax.Array, weights: jax.Array) -> jax.Array:
+  """Generative VQA loss: answer NLLs [B, K] weighted by the answers' weights [B, K] (0 for
+  padding), summed, divided by the number of questions B (reference `XVLMForVQA`)."""
+  return jnp.sum(weights.astype(jnp.float32) * answer_nll) / answer_nll.shape[0]
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy, logits [B, C], integer labels [B] -> mean over the batch."""
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                                   labels))
+
+
+def label_smoothing_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                         smoothing: float = 0.1, ignore_id: int | jax.Array = 0) -> jax.Array:
+  """The reference captioner's `LabelSmoothingLoss` (REFERENCE_DETAILED §4.5).
+
+  Target distribution per position: 1 - smoothing on the gold token, smoothing / (V - 2) on every
+  other token except `ignore_id` (the [CLS] id, with which padded targets are filled), which gets
+  0; a position whose target is `ignore_id` gets no target at all. Loss per position =
+  KL(target || softmax(logits)) summed over the vocabulary; result = sum(loss * weights) /
+  (sum(weights) + 1e-5).
+
+  Args:
+    logits: [B, M, V]; targets: [B, M] int; weights: [B, M] (1 for real targets, 0 for padding).
+    ignore_id: an int, or an int array broadcastable to targets (per-row ids).
+  Returns:
+    scalar float32.
+  """
+  vocab = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ignore = jnp.broadcast_to(jnp.asarray(ignore_id), targets.shape)[..., None]
+  columns = jnp.arange(vocab)
+  off_value = smoothing / (vocab - 2)
+  target = jnp.where(columns == targets[..., None], 1.0 - smoothing, off_value)
+  target = jnp.where((columns == ignore) | (targets[..., None] == ignore), 0.0, target)
+  # KL(target || p) = sum target * (log target - log p), with 0 log 0 = 0 (torch's kl_div).
+  log_target = jnp.log(jnp.where(target > 0, target, 1.0))
+  per_position = jnp.sum(target * (log_target - log_probs), axis=-1)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(per_position * weights) / (jnp.sum(weights) + 1e-5)

@@ -11,7 +11,11 @@ masked_pos/masked_ids [B,M]`; region batches add `idx_to_group_img [R], image_at
 target_bbox [R,4], is_image [R], pair_id [R]` with `image [N_img,H,W,3]`. Fine-tuning batches:
 retrieval = an image-text batch with `image_idx [B]`; grounding = `image [B,H,W,3], text_ids/atts
 [B,L], target_bbox [B,4]`; vqa = `image, text_ids/atts (question), answer_targets [B,A]`;
-nlvr = `image0, image1 [B,H,W,3], text_ids/atts, label [B]`.
+vqa_generative = `image, text_ids/atts, answer_ids/answer_atts [B,K,La], answer_weights [B,K]`;
+nlvr = `image0, image1 [B,H,W,3], text_ids/atts, label [B]`. Video batches carry
+`frames [B,F,H,W,3]` instead of `image`: video_text / video_retrieval = the image-text fields +
+`video_idx [B]`; video_qa = `frames, text_ids/atts (question), answer_label [B]` (-100 = ignored).
+captioning = `image, text_ids/position_ids [B,L], text_atts [B,L,L], masked_pos/ids/weight [B,M]`.
 """
 from __future__ import annotations
 
@@ -137,6 +141,66 @@ def vqa_classification_objective(m, batch, rng, deterministic: bool = True):
                                       batch["answer_targets"])}
 
 
+def question_states(m, batch, deterministic: bool = True) -> jax.Array:
+  """The question fused with its image, `image [B, H, W, 3]`, `text_ids/atts [B, L]` ->
+  [B, L, H]: what the answer decoder attends to (the reference runs all 18 layers on the question
+  with the image)."""
+  image_embeds = m.encode_image(batch["image"], deterministic)
+  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+  text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
+  return m.fuse(image_embeds, image_atts, text_embeds, batch["text_atts"], deterministic)
+
+
+def vqa_generative_objective(m, batch, rng, deterministic: bool = True):
+  """Generative VQA (the reference's `XVLMForVQA`): question as `question_states`, every answer
+  `answer_ids/atts [B, K, La]` decoded against its question, weighted by `answer_weights [B, K]`
+  -> {'vqa_answer'} = sum(weight * answer NLL) / B."""
+  del rng
+  states = question_states(m, batch, deterministic)
+  batch_size, num_answers, answer_len = batch["answer_ids"].shape
+  ids = batch["answer_ids"].reshape(batch_size * num_answers, answer_len)
+  atts = batch["answer_atts"].reshape(batch_size * num_answers, answer_len)
+  states_rep = jnp.repeat(states, num_answers, axis=0)
+  question_atts = jnp.repeat(batch["text_atts"], num_answers, axis=0)
+  logits = m.answer_logits(ids, atts, states_rep, question_atts, deterministic)
+  nll = losses.sequence_nll(logits, ids, atts).reshape(batch_size, num_answers)
+  return {"vqa_answer": losses.weighted_answer_loss(nll, batch["answer_weights"])}
+
+
+def rank_answers(m, batch, answer_ids: jax.Array, answer_atts: jax.Array, k: int):
+  """Generative VQA inference (reference `rank_answer`): rank a fixed answer list.
+
+  1. The decoder reads `[CLS]` alone: probability of each candidate's first token -> the k best.
+  2. Those k answers are decoded teacher-forced: score = log p(first token) - NLL(answer).
+     The NLL counts the first token again, as the reference does.
+  Args:
+    batch: `image [B, H, W, 3]`, question `text_ids/atts [B, L]`.
+    answer_ids, answer_atts: the tokenized answer list [A, La] (`[CLS] answer [SEP]`).
+    k: candidates re-scored per question (k_test; clipped to A).
+  Returns:
+    (candidates [B, k] answer indices best first, probs [B, k] softmax of the scores).
+  """
+  states = question_states(m, batch, True)
+  question_atts = batch["text_atts"]
+  batch_size = states.shape[0]
+  num_answers, answer_len = answer_ids.shape
+  k = min(k, num_answers)
+  start = jnp.broadcast_to(answer_ids[:1, :1], (batch_size, 1))
+  first_logits = m.answer_logits(start, jnp.ones_like(start), states, question_atts, True)[:, 0]
+  first_log_probs = jax.nn.log_softmax(first_logits, axis=-1)  # [B, V]
+  candidate_log_probs = jnp.take(first_log_probs, answer_ids[:, 1], axis=1)  # [B, A]
+  top_log_probs, top_idx = jax.lax.top_k(candidate_log_probs, k)  # [B, k]
+  ids = jnp.take(answer_ids, top_idx.reshape(-1), axis=0)  # [B * k, La]
+  atts = jnp.take(answer_atts, top_idx.reshape(-1), axis=0)
+  logits = m.answer_logits(ids, atts, jnp.repeat(states, k, axis=0),
+                           jnp.repeat(question_atts, k, axis=0), True)
+  nll = losses.sequence_nll(logits, ids, atts).reshape(batch_size, k)
+  probs = jax.nn.softmax(top_log_probs - nll, axis=-1)
+  order = jnp.argsort(-probs, axis=-1, stable=True)
+  return (jnp.take_along_axis(top_idx, order, axis=-1),
+          jnp.take_along_axis(probs, order, axis=-1))
+
+
 def nlvr_logits(m, batch, deterministic: bool = True) -> jax.Array:
   """NLVR2 forward: `image0, image1 [B, H, W, 3]`, sentence `text_ids/atts [B, L]` -> [B, 2].
   Both images go through the ViT in one batch; the sentence is fused with each."""
@@ -156,3 +220,70 @@ def nlvr_objective(m, batch, rng, deterministic: bool = True):
   del rng
   return {"nlvr": losses.classification_loss(nlvr_logits(m, batch, deterministic),
                                              batch["label"])}
+
+
+def video_text_objective(m, batch, rng, deterministic: bool = True,
+                         itc_feature_grad_scale: float = 1.0, with_itm: bool = True):
+  """Video-text batch (pre-training, REFERENCE_DETAILED §2.6): `frames [B, F, H, W, 3]` + the
+  image-text text fields -> {'itc', 'itm', 'mlm'}, exactly as for images with `m.encode_video`."""
+  video_embeds = m.encode_video(batch["frames"], deterministic)
+  video_atts = jnp.ones(video_embeds.shape[:2], jnp.int32)
+  out, _ = aligning_losses(m, video_embeds, video_atts, batch, rng, deterministic=deterministic,
+                           itc_feature_grad_scale=itc_feature_grad_scale, with_itm=with_itm)
+  return out
+
+
+def video_retrieval_objective(m, batch, rng, deterministic: bool = True,
+                              itc_feature_grad_scale: float = 1.0, with_itm: bool = True):
+  """Video retrieval fine-tuning (MSR-VTT; the reference's `Retrieval.py` with `is_video`): a
+  video-text batch -> {'itc', 'itm'}; captions of the same video (equal `video_idx`) are
+  positives of each other, never ITM negatives. No MLM."""
+  video_embeds = m.encode_video(batch["frames"], deterministic)
+  video_atts = jnp.ones(video_embeds.shape[:2], jnp.int32)
+  out, _ = aligning_losses(m, video_embeds, video_atts, batch, rng, deterministic=deterministic,
+                           idx=batch["video_idx"], itc_feature_grad_scale=itc_feature_grad_scale,
+                           with_itm=with_itm, with_mlm=False)
+  return out
+
+
+def video_qa_logits(m, batch, deterministic: bool = True) -> jax.Array:
+  """Video QA as classification (the reference's `XVLMForClassification` on MSRVTT-QA / MSVD-QA):
+  `frames [B, F, H, W, 3]`, question `text_ids/atts [B, L]` -> answer logits [B, A] from the
+  fused [CLS] through the VQA classification head (`model.vqa_num_answers`)."""
+  video_embeds = m.encode_video(batch["frames"], deterministic)
+  video_atts = jnp.ones(video_embeds.shape[:2], jnp.int32)
+  text_embeds = m.encode_text(batch["text_ids"], batch["text_atts"], deterministic)
+  cross = m.fuse(video_embeds, video_atts, text_embeds, batch["text_atts"], deterministic)
+  return m.vqa_logits(cross)
+
+
+def video_qa_objective(m, batch, rng, deterministic: bool = True):
+  """Video QA: batch as `video_qa_logits` + `answer_label [B]` -> {'video_qa'}: softmax
+  cross-entropy averaged over the questions whose answer is in the list (label -100 = ignored,
+  as the reference's CrossEntropyLoss(ignore_index=-100)); 0 when there are none."""
+  del rng
+  logits = video_qa_logits(m, batch, deterministic)
+  return {"video_qa": losses.mlm_loss(logits[:, None], batch["answer_label"][:, None])}
+
+
+def captioning_objective(m, batch, rng, deterministic: bool = True,
+                         label_smoothing: float = 0.1):
+  """COCO captioning as MLM generation (the reference's `XVLMForMLMCaptioning`,
+  REFERENCE_DETAILED §4.5) -> {'caption'}.
+
+  Batch (x2vlm_jax/data/captioning.py): `image [B, H, W, 3]`, the sequence with inserted [MASK]s
+  `text_ids [B, L]`, its visibility mask `text_atts [B, L, L]` and `position_ids [B, L]`,
+  `masked_pos / masked_ids / masked_weight [B, M]`. All text layers run on the sequence,
+  cross-attending to the whole image in the fusion layers; the MLM head scores the [MASK] slots
+  with the label-smoothed KL loss, whose ignored token is [CLS] (each sequence's first token).
+  """
+  del rng
+  image_embeds = m.encode_image(batch["image"], deterministic)
+  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+  hidden = m.text.encode_multimodal(batch["text_ids"], batch["text_atts"], image_embeds,
+                                    image_atts, deterministic, batch["position_ids"])
+  at_masks = jnp.take_along_axis(hidden, batch["masked_pos"][:, :, None], axis=1)
+  logits = m.text.mlm_logits(at_masks)
+  return {"caption": losses.label_smoothing_loss(
+      logits, batch["masked_ids"], batch["masked_weight"], smoothing=label_smoothing,
+      ignore_id=batch["text_ids"][:, :1])}

@@ -37,6 +37,7 @@ def model_from_manifest(manifest: dict) -> X2VLM:
       text_heads=text["num_attention_heads"], text_mlp_dim=text["intermediate_size"],
       max_position=text["max_position_embeddings"], type_vocab_size=text.get("type_vocab_size", 2),
       text_layer_norm_eps=text.get("layer_norm_eps", 1e-12),
+      fusion_layer_norm_eps=text.get("layer_norm_eps", 1e-12),  # one BERT config for all layers
       mlm_head=any(k.startswith("text_encoder.cls.") for k in keys) if keys else True,
       embed_dim=cfg["embed_dim"], temp_init=cfg.get("temp", 0.07), drop_path_rate=0.0,
       hidden_dropout=0.0, attention_dropout=0.0)

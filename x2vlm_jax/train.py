@@ -37,22 +37,37 @@ OBJECTIVES: dict[str, Callable] = {
     "grounding": objectives.grounding_objective,  # fine-tuning (RefCOCO)
     "vqa": objectives.vqa_classification_objective,  # fine-tuning (VQA v2 as classification)
     "nlvr": objectives.nlvr_objective,  # fine-tuning (NLVR2)
+    "vqa_generative": objectives.vqa_generative_objective,  # fine-tuning (VQA v2, answer decoder)
+    "video_text": objectives.video_text_objective,  # pre-training (stage 2)
+    "video_retrieval": objectives.video_retrieval_objective,  # fine-tuning (MSR-VTT)
+    "video_qa": objectives.video_qa_objective,  # fine-tuning (MSRVTT-QA / MSVD-QA)
+    "captioning": objectives.captioning_objective,  # fine-tuning (COCO captioning, MLM generation)
 }
 # Kinds whose objective has an ITC term (takes `itc_feature_grad_scale`).
-_ITC_KINDS = ("image_text", "regions", "retrieval")
+_ITC_KINDS = ("image_text", "regions", "retrieval", "video_text", "video_retrieval")
 
 
 def kind_weights(train_cfg) -> dict[str, float]:
   """Loss weight of each batch kind, from config.train.<kind>_weight (regions: region_weight)."""
   return {"image_text": train_cfg.image_text_weight, "regions": train_cfg.region_weight,
           "retrieval": train_cfg.retrieval_weight, "grounding": train_cfg.grounding_weight,
-          "vqa": train_cfg.vqa_weight, "nlvr": train_cfg.nlvr_weight}
+          "vqa": train_cfg.vqa_weight, "nlvr": train_cfg.nlvr_weight,
+          "vqa_generative": train_cfg.vqa_generative_weight,
+          "video_text": train_cfg.video_text_weight,
+          "video_retrieval": train_cfg.video_retrieval_weight,
+          "video_qa": train_cfg.video_qa_weight,
+          "captioning": train_cfg.captioning_weight}
 
 
 def data_kind(kind: str) -> str:
-  """The `config.data` sub-config (and pipeline) a batch kind reads: retrieval fine-tuning reads
-  image-text records; the others their own."""
-  return {"retrieval": "image_text"}.get(kind, kind)
+  """The pipeline (`pipeline.make_iterator` kind) of a batch kind: retrieval fine-tuning reads
+  image-text batches, video retrieval video-text batches; the others their own."""
+  return {"retrieval": "image_text", "video_retrieval": "video_text"}.get(kind, kind)
+
+
+def data_section(kind: str) -> str:
+  """The `config.data` sub-config a batch kind reads (the answer decoder reads data.vqa)."""
+  return {"vqa_generative": "vqa"}.get(data_kind(kind), data_kind(kind))
 
 
 def batch_kinds(train_cfg) -> tuple[str, ...]:
@@ -60,7 +75,8 @@ def batch_kinds(train_cfg) -> tuple[str, ...]:
   kinds = tuple(k for k, w in kind_weights(train_cfg).items() if w > 0)
   if not kinds:
     raise ValueError("config.train: every *_weight (image_text, region, retrieval, grounding, vqa, "
-                     "nlvr) is 0")
+                     "nlvr, vqa_generative, video_text, video_retrieval, video_qa, captioning) "
+                     "is 0")
   return kinds
 
 
@@ -78,6 +94,8 @@ def make_loss_fn(model: x2vlm.X2VLM, train_cfg) -> Callable:
         kwargs["itc_feature_grad_scale"] = train_cfg.itc_feature_grad_scale
       if kind == "regions":
         kwargs["dedupe_padded_pairs"] = train_cfg.dedupe_padded_pairs
+      if kind == "captioning":
+        kwargs["label_smoothing"] = train_cfg.caption_label_smoothing
       out = model.apply({"params": params}, batches[kind], itm_rng, method=OBJECTIVES[kind],
                         rngs={"dropout": dropout_rng}, **kwargs)
       loss_weights = train_cfg.loss_weights
@@ -226,13 +244,18 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def check_vocab(config) -> None:
-  """The tokenizer's vocabulary must fit the model's embedding table (fails before compiling)."""
+  """The tokenizer's vocabulary must fit the model's embedding table, and its padding id be the
+  model's when positions are counted from it (XLM-R) (fails before compiling)."""
   from x2vlm_jax.data import text as text_lib
 
-  vocab = text_lib.load_tokenizer(config.data.vocab_path).vocab_size
+  tokenizer = text_lib.load_tokenizer(config.data.vocab_path)
+  vocab = tokenizer.vocab_size
   if vocab > config.model.vocab_size:
     raise ValueError(f"{config.data.vocab_path} has {vocab} tokens but config.model.vocab_size "
                      f"is {config.model.vocab_size}")
+  if config.model.text_position_ids == "roberta" and tokenizer.pad_id != config.model.text_pad_id:
+    raise ValueError(f"{config.data.vocab_path} pads with id {tokenizer.pad_id} but "
+                     f"config.model.text_pad_id is {config.model.text_pad_id} (roberta positions)")
 
 
 def check_task_heads(config) -> None:
@@ -241,7 +264,13 @@ def check_task_heads(config) -> None:
   from x2vlm_jax.data import examples as examples_lib
 
   m, t, e = config.model, config.train, config.eval
-  if (t.vqa_weight > 0 or e.vqa_files):
+  if t.vqa_generative_weight > 0 and m.vqa_decoder_layers <= 0:
+    raise ValueError("train.vqa_generative_weight > 0 needs the answer decoder: "
+                     "config.model.vqa_decoder_layers > 0")
+  classifies = t.vqa_weight > 0 or (e.vqa_files and m.vqa_decoder_layers <= 0)
+  if e.vqa_files and m.vqa_decoder_layers > 0:
+    examples_lib.load_answer_list(config.data.vqa.answer_list)  # ranked by the decoder
+  if classifies:
     if m.vqa_num_answers <= 0:
       raise ValueError("VQA training or evaluation needs config.model.vqa_num_answers > 0")
     answers = examples_lib.load_answer_list(config.data.vqa.answer_list)
@@ -250,6 +279,55 @@ def check_task_heads(config) -> None:
                        f"config.model.vqa_num_answers is {m.vqa_num_answers}")
   if (t.nlvr_weight > 0 or e.nlvr_files) and not m.nlvr_head:
     raise ValueError("NLVR2 training or evaluation needs config.model.nlvr_head = True")
+  check_video(config)
+  check_captioning(config)
+
+
+def check_captioning(config) -> None:
+  """Captioning trains and decodes with the MLM head, and its sequences must fit the position
+  table: training max_tokens + max_masks, decoding [CLS] + prompt + caption_max_length (fails
+  before compiling)."""
+  m, t, e = config.model, config.train, config.eval
+  if not (t.captioning_weight > 0 or e.caption_files):
+    return
+  if not m.mlm_head:
+    raise ValueError("captioning training or evaluation needs config.model.mlm_head = True")
+  c = config.data.captioning
+  if t.captioning_weight > 0 and c.max_tokens + c.max_masks > m.max_position:
+    raise ValueError(f"config.data.captioning: max_tokens {c.max_tokens} + max_masks "
+                     f"{c.max_masks} exceed config.model.max_position {m.max_position}")
+  if e.caption_files:
+    from x2vlm_jax.data import captioning as captioning_data
+    from x2vlm_jax.data import text as text_lib
+
+    prompt = captioning_data.prompt_ids(text_lib.load_tokenizer(config.data.vocab_path), c.prompt)
+    if len(prompt) + e.caption_max_length > m.max_position:
+      raise ValueError(f"config.eval.caption_max_length {e.caption_max_length} + the "
+                       f"{len(prompt)} tokens of [CLS] {c.prompt!r} exceed "
+                       f"config.model.max_position {m.max_position}")
+
+
+def check_video(config) -> None:
+  """Video QA needs the classification head sized to its answer list, and no video batch or
+  evaluation may have more frames than the model has frame embeddings (fails before compiling)."""
+  from x2vlm_jax.data import video_examples
+
+  m, t, e = config.model, config.train, config.eval
+  uses = {"video_text": t.video_text_weight > 0 or t.video_retrieval_weight > 0
+                        or bool(e.video_retrieval_file),
+          "video_qa": t.video_qa_weight > 0 or bool(e.video_qa_files)}
+  if uses["video_qa"]:
+    if m.vqa_num_answers <= 0:
+      raise ValueError("video QA training or evaluation needs config.model.vqa_num_answers > 0")
+    answers = video_examples.load_answer_labels(config.data.video_qa.answer_list)
+    if len(answers) != m.vqa_num_answers:
+      raise ValueError(f"{config.data.video_qa.answer_list} lists {len(answers)} answers but "
+                       f"config.model.vqa_num_answers is {m.vqa_num_answers}")
+  for section, used in uses.items():
+    frames = config.data[section].num_frames
+    if used and m.num_frames > 0 and frames > m.num_frames:
+      raise ValueError(f"config.data.{section}.num_frames is {frames} but the model has "
+                       f"{m.num_frames} frame embeddings (config.model.num_frames)")
 
 
 def restore_or_init(trainer: Trainer, checkpointer, iterators, config) -> State:
@@ -273,10 +351,13 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
   """Params from an Orbax params dir or a training workdir, checked against the model before
   anything compiles (with `with_step`: (params, the checkpoint's step, 0 for a params dir)).
 
-  Names matched by `allow_missing` (fnmatch) may be absent and start fresh; stored names matched by
+  A generative-VQA answer decoder absent from the checkpoint starts as the text stack's fusion
+  layers (`convert.answer_decoder_from_fusion`, as the reference). Names matched by
+  `allow_missing` (fnmatch) may be absent and start fresh; stored names matched by
   `ignore_unexpected` are dropped (e.g. the MLM head when fine-tuning). Relative-position tables
   stored for another image_res are interpolated to this model's, as the reference does when
-  fine-tuning at 384 from a 224 checkpoint. Anything else that differs fails with the full list.
+  fine-tuning at 384 from a 224 checkpoint; a frame embedding stored for another number of
+  frames keeps its first frames. Anything else that differs fails with the full list.
   """
   import fnmatch
   from x2vlm_jax import checkpoint, convert
@@ -287,6 +368,16 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
   stored, step = checkpoint.load_any_params(directory)
   stored = convert.flatten(stored)
   target = convert.flatten(trainer.abstract_state["params"])
+  m = trainer.model
+  if (m.vqa_decoder_layers > 0 and not any(p.startswith("answer_decoder/") for p in stored)):
+    decoder = convert.answer_decoder_from_fusion(
+        stored, text_layers=m.text_layers, fusion_layers=m.fusion_layers,
+        decoder_layers=m.vqa_decoder_layers)
+    decoder = {p: v for p, v in decoder.items()
+               if p in target and tuple(v.shape) == tuple(target[p].shape)}
+    stored.update(decoder)
+    logging.info("Answer decoder initialised from the text stack's fusion layers, embeddings and "
+                 "MLM head (%d arrays)", len(decoder))
   dropped = [p for p in stored if p not in target and matches(p, ignore_unexpected)]
   for p in dropped:
     del stored[p]
@@ -294,6 +385,16 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
     if (p in stored and convert.is_rel_pos_table(p)
         and tuple(stored[p].shape) != tuple(target[p].shape)):
       stored[p] = convert.resize_rel_pos_table(np.asarray(stored[p]), target[p].shape[0])
+  frames = stored.get("frame_pos_embed")
+  if (frames is not None and "frame_pos_embed" in target
+      and tuple(frames.shape[1:]) == tuple(target["frame_pos_embed"].shape[1:])
+      and frames.shape[0] != target["frame_pos_embed"].shape[0]):
+    # Another number of frames: the first ones are copied (reference), the rest start at 0 (as
+    # convert.py does for a PyTorch checkpoint).
+    keep = min(frames.shape[0], target["frame_pos_embed"].shape[0])
+    resized = np.zeros(target["frame_pos_embed"].shape, np.asarray(frames).dtype)
+    resized[:keep] = np.asarray(frames)[:keep]
+    stored["frame_pos_embed"] = resized
   missing = [p for p in target if p not in stored]
   not_allowed = [p for p in missing if not matches(p, allow_missing)]
   unexpected = [p for p in stored if p not in target]
@@ -427,7 +528,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       async_save=tcfg.async_checkpoints)
   state = restore_or_init(trainer, checkpointer, iterators, config)
   start = int(jax.device_get(state["step"]))
-  examples_per_step = sum(config.data[data_kind(k)].batch_size
+  examples_per_step = sum(config.data[data_section(k)].batch_size
                           for k in trainer.kinds) * jax.process_count()
   reporter = metrics_lib.ProgressReporter(tcfg.total_steps, examples_per_step,
                                           tcfg.log_every_steps, start_step=start)

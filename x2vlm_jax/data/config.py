@@ -16,6 +16,9 @@ Record formats (one JSON object per line / per ArrayRecord record):
   grounding:  {"image": ..., "text": str, "bbox": [x, y, w, h] pixels}
   vqa:        {"question_id", "image": ..., "question": str, "answer": [str, ...] | str}
   nlvr:       {"images": [path0, path1], "sentence": str, "label": "True" | "False" | bool}
+  video_text: {"video": path (file, frame folder or base64 frame list), "caption": str | [str]}
+  video_qa:   {"video": path, "question": str, "answer": str | [str]}
+  captioning: {"image": ..., "caption": str | [str, ...], optional "image_id"} (COCO Karpathy train)
   (image-text records may carry "image_id": retrieval fine-tuning treats equal ids as positives)
 
 Batch shapes (B = image_text.batch_size, L = max_tokens, M = max_masks, R = image_res,
@@ -87,6 +90,11 @@ def _vqa() -> ml_collections.ConfigDict:
           caption_key="question",
           answer_key="answer",
           answer_list="",  # JSON list of candidate answers (model.vqa_num_answers = its length)
+          # Generative decoder (batch kind vqa_generative): distinct answers kept per question,
+          # tokens per `[CLS] answer [SEP]`, and the weight of a single-string (VG) answer.
+          max_answers=10,
+          answer_max_tokens=10,
+          vg_answer_weight=0.5,
           batch_size=8,
           crop_scale_min=0.5,
           hflip_prob=0.5,  # never when the question or an answer says "left" / "right"
@@ -107,6 +115,68 @@ def _nlvr() -> ml_collections.ConfigDict:
           hflip_prob=0.5,
           randaug=True,
       ))
+
+
+def _captioning() -> ml_collections.ConfigDict:
+  """COCO captioning as UniLM-style MLM generation (x2vlm_jax/data/captioning.py)."""
+  return ml_collections.ConfigDict(
+      dict(
+          files=(),  # {"image", "caption": str | [str], optional "image_id"} records
+          image_root="",
+          image_key="image",
+          caption_key="caption",
+          prompt="a picture of",  # tokens after [CLS] that are never masked (and start decoding)
+          # [CLS] prompt caption [SEP] is cut to max_tokens; the caption is used raw (lower-cased
+          # by the tokenizer, no pre_caption), as the reference.
+          max_tokens=40,
+          mask_prob=0.6,  # of the non-prompt tokens (reference: 0.6)
+          max_masks=18,  # M; sequences are max_tokens + max_masks long
+          batch_size=8,
+          crop_scale_min=0.5,
+          hflip_prob=0.5,  # "left"/"right" swapped in the caption (data.swap_left_right_on_flip)
+          randaug=True,  # RandAugment with colour and geometric ops (reference train transform)
+      ))
+
+
+def _video(**fields) -> ml_collections.ConfigDict:
+  """Fields shared by the video sub-configs (x2vlm_jax/data/video.py), then `fields`."""
+  return ml_collections.ConfigDict(
+      dict(
+          files=(),
+          video_root="",  # relative video paths are joined to this.
+          video_key="video",  # a video file, a folder of frames or a JSON list of base64 frames.
+          batch_size=8,  # B, clips per batch (per process).
+          num_frames=3,  # F, frames per clip (model.num_frames holds their embeddings).
+          # Training: "random_segment" (one random frame in each of F equal segments, reference),
+          # "uniform" (the first frame of each segment) or "fps" (one frame per second, then
+          # uniform); evaluation uses "uniform", or "fps" when this is "fps".
+          sampling="random_segment",
+          min_frames=1,  # fewer frames: a bad record (shorter clips repeat frames, as reference)
+          frame_folder_fps=1.0,  # frame rate of frame folders / frame lists ("fps" sampling)
+          crop_scale_min=0.5,  # ONE RandomResizedCrop (crop_scale_min, 1.0) for all frames
+          hflip_prob=0.5,  # ONE flip decision per clip
+          randaug=True,  # ONE RandAugment draw per clip (colour and geometric ops)
+          **fields,
+      ))
+
+
+def _video_text() -> ml_collections.ConfigDict:
+  cfg = _video(
+      caption_key="caption",
+      video_id_key="video_id",  # equal ids (else equal paths) are never each other's negatives
+  )
+  cfg.crop_scale_min = 0.2  # pre-training transform (fine-tuning configs set 0.5)
+  return cfg
+
+
+def _video_qa() -> ml_collections.ConfigDict:
+  return _video(
+      caption_key="question",
+      answer_key="answer",
+      # JSON list of candidate answers, or the reference's {answer: label} file
+      # (model.vqa_num_answers = its length); other answers: ignored in training, wrong at test.
+      answer_list="",
+  )
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -133,6 +203,9 @@ def data_config() -> ml_collections.ConfigDict:
           grounding=_grounding(),
           vqa=_vqa(),
           nlvr=_nlvr(),
+          video_text=_video_text(),
+          video_qa=_video_qa(),
+          captioning=_captioning(),
           num_workers=0,  # grain worker processes; 0 = decode in this process (threads).
           read_threads=4,  # threads decoding records inside each process.
           prefetch=2,  # batches prefetched (thread prefetch, or per-worker buffer).

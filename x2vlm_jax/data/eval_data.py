@@ -5,6 +5,9 @@ Retrieval: {"image": path, "caption": str | [str, ...]}
   load_retrieval_eval(...) -> dict(
       images [N, R, R, 3] f32, text_ids [T, L] i32, text_atts [T, L] i32,
       txt2img [T] i32 (image of each text), img2txt: list of N lists of text indices)
+Multilingual retrieval (Multi30K / multilingual COCO): {"image": path, "caption": {lang: str | [str]}}
+  load_multilingual_retrieval_eval(...) -> dict(images [N, R, R, 3] f32, languages: {lang: dict(
+      text_ids, text_atts, txt2img, img2txt) as above})
 Grounding: {"image": path, "text": str, "bbox": [x, y, w, h] original pixels}
   load_grounding_eval(...) -> dict(
       images [N, R, R, 3] f32, text_ids [N, L] i32, text_atts [N, L] i32,
@@ -153,6 +156,57 @@ def load_retrieval_eval(
                                exif_transpose=exif_transpose)
   return dict(images=images, text_ids=text_ids, text_atts=text_atts,
               txt2img=np.asarray(txt2img, np.int32), img2txt=img2txt)
+
+
+def load_multilingual_retrieval_eval(
+    jsonl: str,
+    image_root: str,
+    image_res: int,
+    tokenizer: text_lib.Tokenizer | str,
+    max_tokens: int,
+    *,
+    languages: Sequence[str] = (),
+    max_words: int | None = None,
+    exif_transpose: bool = True,
+) -> dict:
+  """In-memory multilingual retrieval set: one image set, captions per language (module docstring).
+
+  `languages` selects and orders the languages (default: those of the first record, sorted); every
+  record must have at least one caption in each of them, or BadDataError names the record.
+  """
+  tokenizer = _as_tokenizer(tokenizer)
+  max_words = max_tokens if max_words is None else max_words
+  recs = _read_records(jsonl)
+  if not recs:
+    raise BadDataError(f"{jsonl}: no records")
+  for where, rec in recs:
+    if not isinstance(rec.get("caption"), dict):
+      raise BadDataError(f"{where}: 'caption' must map each language to its captions, "
+                         f"e.g. {{\"en\": [...], \"de\": [...]}}")
+  langs = list(languages) or sorted(recs[0][1]["caption"])
+  texts = {lang: dict(texts=[], where=[], txt2img=[], img2txt=[]) for lang in langs}
+  paths = []
+  for n, (where, rec) in enumerate(recs):
+    paths.append(_image_path(rec, where, image_root))
+    for lang in langs:
+      caps = rec["caption"].get(lang)
+      caps = [caps] if isinstance(caps, str) else caps
+      if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+        raise BadDataError(f"{where}: no '{lang}' captions (a string or a non-empty list of "
+                           f"strings); languages evaluated: {langs}")
+      t = texts[lang]
+      t["img2txt"].append(list(range(len(t["texts"]), len(t["texts"]) + len(caps))))
+      t["texts"].extend(caps)
+      t["where"].extend([where] * len(caps))
+      t["txt2img"].extend([n] * len(caps))
+  per_lang = {}
+  for lang, t in texts.items():
+    text_ids, text_atts = encode_texts(t["texts"], t["where"], tokenizer, max_tokens, max_words)
+    per_lang[lang] = dict(text_ids=text_ids, text_atts=text_atts,
+                          txt2img=np.asarray(t["txt2img"], np.int32), img2txt=t["img2txt"])
+  images, _ = load_eval_images(paths, image_res, where=[w for w, _ in recs],
+                               exif_transpose=exif_transpose)
+  return dict(images=images, languages=per_lang)
 
 
 def load_grounding_eval(

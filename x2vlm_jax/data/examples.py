@@ -22,8 +22,12 @@ Grounding example (RefCOCO-style `{"image", "text", "bbox"}` record, fine-tuning
   resize, colour-only RandAugment.
 
 VQA example (`{"question_id", "image", "question", "answer"}`): image [R, R, 3] f32, question
-text fields [L] i32, answer_targets [A] f32 (VqaProcessor). NLVR2 example (`{"images": [a, b],
+text fields [L] i32, answer_targets [A] f32 (VqaProcessor); for the generative decoder
+answer_ids, answer_atts [K, La] i32 and answer_weights [K] f32 instead (VqaAnswerProcessor). NLVR2 example (`{"images": [a, b],
 "sentence", "label"}`): image0, image1 [R, R, 3] f32, text fields [L] i32, label i32.
+
+Captioning examples (UniLM-style MLM generation, `{"image", "caption"}` records) are built by
+`captioning.CaptionProcessor`, a `_Processor` like these; video ones in `video_examples.py`.
 
 Bad records (missing / undecodable image, malformed JSON, empty caption, no valid box) become
 `BadExample(where, reason)` and are logged with `logging.warning`; bad elements inside a good
@@ -165,6 +169,15 @@ class _Processor:
                                    image_ops.ALL_OPS)
     return image_ops.normalize(img)
 
+  def _choose_caption(self, rec: dict, rng: np.random.Generator) -> str:
+    """A random usable caption of `rec[caption_key]` (str or list); BadRecordError if none."""
+    errors: list[str] = []
+    captions = _valid_captions(_as_text_list(rec.get(self.caption_key)), self.encoder, errors)
+    if not captions:
+      detail = errors[0] if errors else f"found {rec.get(self.caption_key)!r:.80}"
+      raise BadRecordError(f"no usable caption in {self.caption_key!r} ({detail})")
+    return _pick(rng, captions)
+
   def _flip_text(self, text: str, flipped: bool) -> str:
     return text_lib.swap_left_right(text) if flipped and self.swap_left_right else text
 
@@ -198,12 +211,7 @@ class ImageTextProcessor(_Processor):
     self.image_id_key = cfg.image_text.image_id_key
 
   def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
-    errors: list[str] = []
-    captions = _valid_captions(_as_text_list(rec.get(self.caption_key)), self.encoder, errors)
-    if not captions:
-      detail = errors[0] if errors else f"found {rec.get(self.caption_key)!r:.80}"
-      raise BadRecordError(f"no usable caption in {self.caption_key!r} ({detail})")
-    caption = _pick(rng, captions)
+    caption = self._choose_caption(rec, rng)
     flipped = bool(rng.random() < self.hflip_prob)
     caption = self._flip_text(caption, flipped)
     image = self._augment(self._image(rec), rng, self.crop_scale, flipped)
@@ -378,6 +386,33 @@ def vqa_answer_targets(answers: Any, answer_index: dict[str, int]) -> np.ndarray
   return targets
 
 
+def vqa_answer_weights(answers: Any, vg_weight: float = 0.5) -> list[tuple[str, float]]:
+  """Distinct answers and their weights for the generative decoder (reference `vqa_dataset`):
+  a list of human answers gives count(a) / len(answers) each (VQA); a single string answer gets
+  `vg_weight` (VG QA). Sorted by weight, then text, highest first."""
+  if isinstance(answers, str):
+    return [(answers.strip(), float(vg_weight))]
+  answers = [a.strip() for a in _as_text_list(answers)]
+  counts: dict[str, int] = {}
+  for a in answers:
+    counts[a] = counts.get(a, 0) + 1
+  weighted = [(a, c / len(answers)) for a, c in counts.items()]
+  return sorted(weighted, key=lambda item: (-item[1], item[0]))
+
+
+def tokenize_answers(answers: Sequence[str], tokenizer: text_lib.Tokenizer,
+                     max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Answers -> (ids, atts) [N, max_tokens] i32: `[CLS] answer [SEP]` padded (cut to fit, [SEP]
+  kept), as the decoder reads them in training and when ranking the answer list."""
+  ids = np.full((len(answers), max_tokens), tokenizer.pad_id, np.int32)
+  atts = np.zeros((len(answers), max_tokens), np.int32)
+  for n, answer in enumerate(answers):
+    ids[n], atts[n] = text_lib.pad_ids(
+        text_lib.add_specials(tokenizer.encode(answer.lower()), tokenizer, max_tokens),
+        max_tokens, tokenizer.pad_id)
+  return ids, atts
+
+
 class VqaProcessor(_Processor):
   """`{"question_id", "image", "question", "answer": [str] | str}` -> VQA example: image, question
   text fields, answer_targets [A] f32 (see `vqa_answer_targets`).
@@ -390,10 +425,14 @@ class VqaProcessor(_Processor):
     super().__init__(cfg, cfg.vqa, image_res, patch_size, encoder)
     self.crop_scale = (float(cfg.vqa.crop_scale_min), 1.0)
     self.answer_key = cfg.vqa.answer_key
-    answers = load_answer_list(cfg.vqa.answer_list)
+    self._init_answers(cfg.vqa)
+
+  def _init_answers(self, vqa_cfg) -> None:
+    answers = load_answer_list(vqa_cfg.answer_list)
     self.answer_index = {a.strip().lower(): k for k, a in enumerate(answers)}
 
-  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
+  def _question_and_image(self, rec: dict, rng: np.random.Generator) -> tuple[dict, Any]:
+    """Question text fields + augmented image; returns (fields, the record's answers)."""
     question = rec.get(self.caption_key)
     if not isinstance(question, str):
       raise BadRecordError(f"{self.caption_key!r} must be a string, found {question!r:.80}")
@@ -405,8 +444,35 @@ class VqaProcessor(_Processor):
     may_flip = "left" not in words and "right" not in words
     flipped = may_flip and bool(rng.random() < self.hflip_prob)
     out["image"] = self._augment(self._image(rec), rng, self.crop_scale, flipped)
+    return out, answers
+
+  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
+    out, answers = self._question_and_image(rec, rng)
     out["answer_targets"] = vqa_answer_targets(answers, self.answer_index)
     return {k: out[k] for k in ("image", "text_ids", "text_atts", "answer_targets")}
+
+
+class VqaAnswerProcessor(VqaProcessor):
+  """VQA for the generative answer decoder: image and question as `VqaProcessor`, plus the
+  record's distinct answers as decoder inputs: answer_ids, answer_atts [K, La] i32
+  (K = vqa.max_answers, La = vqa.answer_max_tokens) and answer_weights [K] f32
+  (`vqa_answer_weights`; 0 for padding rows). No answer list is needed: any answer trains."""
+
+  def _init_answers(self, vqa_cfg) -> None:
+    self.max_answers = int(vqa_cfg.max_answers)
+    self.answer_max_tokens = int(vqa_cfg.answer_max_tokens)
+    self.vg_weight = float(vqa_cfg.vg_answer_weight)
+
+  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
+    out, answers = self._question_and_image(rec, rng)
+    weighted = vqa_answer_weights(answers, self.vg_weight)[: self.max_answers]
+    texts = [a for a, _ in weighted] + [""] * (self.max_answers - len(weighted))
+    ids, atts = tokenize_answers(texts, self.encoder.tokenizer, self.answer_max_tokens)
+    weights = np.zeros((self.max_answers,), np.float32)
+    weights[: len(weighted)] = [w for _, w in weighted]
+    out.update(answer_ids=ids, answer_atts=atts, answer_weights=weights)
+    keys = ("image", "text_ids", "text_atts", "answer_ids", "answer_atts", "answer_weights")
+    return {k: out[k] for k in keys}
 
 
 def nlvr_label(value: Any) -> int:

@@ -25,9 +25,19 @@ Region batch (N = regions.max_images, Rb = regions.batch_size, P = (R / patch_si
 Grounding batch (B = grounding.batch_size): image [B, R, R, 3] f32; text_ids, text_atts [B, L] i32;
   target_bbox [B, 4] f32.
 VQA batch (B = vqa.batch_size, A = len(answer_list)): image [B, R, R, 3] f32; text_ids, text_atts
-  [B, L] i32 (the question); answer_targets [B, A] f32.
+  [B, L] i32 (the question); answer_targets [B, A] f32. Generative VQA batch (kind vqa_generative,
+  K = vqa.max_answers, La = vqa.answer_max_tokens): the same image and question, answer_ids,
+  answer_atts [B, K, La] i32 (`[CLS] answer [SEP]`) and answer_weights [B, K] f32 (0 = padding).
 NLVR2 batch (B = nlvr.batch_size): image0, image1 [B, R, R, 3] f32; text_ids, text_atts [B, L] i32;
   label [B] i32 (1 = the sentence is true of the pair).
+Video-text / video-QA batches (B = video_text / video_qa.batch_size, F = num_frames; records and
+  transforms in `video_examples.py`): frames [B, F, R, R, 3] f32 with the image-text text fields and
+  video_idx [B] i32, or with the question's text_ids, text_atts and answer_label [B] i32 (-100:
+  not in the answer list).
+Caption batch (B = captioning.batch_size, Lc = captioning.max_tokens + max_masks, M = its
+  max_masks; `captioning.py`): image [B, R, R, 3] f32; text_ids, position_ids [B, Lc] i32;
+  text_atts [B, Lc, Lc] i32 (per-query visibility); masked_pos, masked_ids [B, M] i32;
+  masked_weight [B, M] f32.
 All of them also carry num_bad_records [] i32 (records skipped for this batch) and num_records [] i32
 (records consumed for this batch, bad ones included); sum them over batches.
 
@@ -43,9 +53,11 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from x2vlm_jax.data import captioning
 from x2vlm_jax.data import examples as examples_lib
 from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
+from x2vlm_jax.data import video_examples
 # Re-exported: the evaluation loaders live in eval_data.py.
 from x2vlm_jax.data.eval_data import load_grounding_eval, load_retrieval_eval  # noqa: F401
 
@@ -90,6 +102,17 @@ def collate_vqa(examples: Sequence[dict], rng: np.random.Generator | None = None
   batch = {k: np.stack([e[k] for e in examples]).astype(np.int32) for k in ("text_ids", "text_atts")}
   batch["image"] = np.stack([e["image"] for e in examples]).astype(np.float32)
   batch["answer_targets"] = np.stack([e["answer_targets"] for e in examples]).astype(np.float32)
+  return batch
+
+
+def collate_vqa_answers(examples: Sequence[dict], rng: np.random.Generator | None = None) -> dict:
+  """Generative VQA examples -> {image [B,R,R,3] f32, text_ids/atts [B,L] i32,
+  answer_ids/atts [B,K,La] i32, answer_weights [B,K] f32}."""
+  del rng
+  keys = ("text_ids", "text_atts", "answer_ids", "answer_atts")
+  batch = {k: np.stack([e[k] for e in examples]).astype(np.int32) for k in keys}
+  batch["image"] = np.stack([e["image"] for e in examples]).astype(np.float32)
+  batch["answer_weights"] = np.stack([e["answer_weights"] for e in examples]).astype(np.float32)
   return batch
 
 
@@ -304,8 +327,9 @@ def make_iterator(
     shard_count: int = 1,
     tokenizer: text_lib.Tokenizer | None = None,
 ) -> grain.DatasetIterator:
-  """Infinite iterator of `kind` batches ('image_text', 'regions', 'grounding', 'vqa' or 'nlvr';
-  see the module docstring) read from `cfg.<kind>`; `seed=None` uses cfg.seed."""
+  """Infinite iterator of `kind` batches ('image_text', 'regions', 'grounding', 'vqa', 'nlvr',
+  'vqa_generative' (read from cfg.vqa), 'video_text', 'video_qa' or 'captioning'; see the module
+  docstring) read from `cfg.<kind>`; `seed=None` uses cfg.seed."""
   if kind == "image_text":
     sub, processor_cls, collate = cfg.image_text, examples_lib.ImageTextProcessor, collate_image_text
     examples_per_batch = sub.batch_size
@@ -322,9 +346,24 @@ def make_iterator(
   elif kind == "nlvr":
     sub, processor_cls, collate = cfg.nlvr, examples_lib.NlvrProcessor, collate_nlvr
     examples_per_batch = sub.batch_size
+  elif kind == "vqa_generative":
+    sub, processor_cls, collate = cfg.vqa, examples_lib.VqaAnswerProcessor, collate_vqa_answers
+    examples_per_batch = sub.batch_size
+  elif kind == "video_text":
+    sub, processor_cls, collate = (cfg.video_text, video_examples.VideoTextProcessor,
+                                   video_examples.collate_video_text)
+    examples_per_batch = sub.batch_size
+  elif kind == "video_qa":
+    sub, processor_cls, collate = (cfg.video_qa, video_examples.VideoQaProcessor,
+                                   video_examples.collate_video_qa)
+    examples_per_batch = sub.batch_size
+  elif kind == "captioning":
+    sub, processor_cls, collate = (cfg.captioning, captioning.CaptionProcessor,
+                                   captioning.collate_captioning)
+    examples_per_batch = sub.batch_size
   else:
-    raise ValueError(f"unknown batch kind {kind!r}: expected image_text, regions, grounding, vqa "
-                     "or nlvr")
+    raise ValueError(f"unknown batch kind {kind!r}: expected image_text, regions, grounding, vqa, "
+                     "vqa_generative, nlvr, video_text, video_qa or captioning")
   seed = cfg.seed if seed is None else seed
   encoder = text_lib.TextEncoder.from_config(cfg, tokenizer)
   processor = processor_cls(cfg, image_res, patch_size, encoder)

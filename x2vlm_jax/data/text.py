@@ -1,4 +1,9 @@
-"""Text side of the data pipeline: caption cleaning, WordPiece tokenizer, MLM masking.
+"""Text side of the data pipeline: caption cleaning, tokenizers, MLM masking.
+
+Tokenizers (`load_tokenizer` picks one from the path): BERT's lower-cased WordPiece over a
+vocab.txt, or XLM-R's sentencepiece model with fairseq's id layout (CCLM / multilingual X2-VLM).
+Both expose cls/sep/pad/mask/unk ids, vocab_size and `is_subword` (for whole-word masking), so
+everything below works on either.
 
 Shapes (L = max_tokens, M = max_masks), all int32:
   text_ids [L]          [CLS] tokens [SEP], padded with [PAD]
@@ -12,6 +17,7 @@ Special-token ids are read from the vocabulary file, never hard-coded.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Sequence
 
@@ -122,9 +128,92 @@ class Tokenizer:
     return [self._token_to_id.get(t, self.unk_id) for t in tokens]
 
 
-def load_tokenizer(vocab_path: str) -> Tokenizer:
-  """Loads the WordPiece tokenizer of a BERT-format vocab.txt."""
-  return Tokenizer(vocab_path)
+class SentencePieceTokenizer:
+  """XLM-R's tokenizer: a sentencepiece model with fairseq's id layout (HF XLMRobertaTokenizer).
+
+  Ids: <s>=0 (cls), <pad>=1, </s>=2 (sep), <unk>=3, sentencepiece piece p >= 3 -> p + 1, and
+  <mask> = the last id; vocab_size = pieces + 2 (250002 for xlm-roberta's 250000 pieces).
+  The sentencepiece model must have XLM-R's layout: <unk>=0, <s>=1, </s>=2 (spm's defaults).
+  Case and accents are kept (the model's own normalisation applies). A piece that does not start
+  with the word-boundary mark "▁" continues the previous word (`is_subword`). Same interface as
+  `Tokenizer`; picklable (reloads from the path).
+  """
+
+  FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+  WORD_START = "\u2581"  # "▁"
+
+  def __init__(self, model_path: str):
+    self.vocab_path = str(model_path)
+    self._load()
+
+  def _load(self):
+    import sentencepiece  # pylint: disable=g-import-not-at-top
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=self.vocab_path)
+    if not (sp.unk_id() == 0 and sp.bos_id() == 1 and sp.eos_id() == 2):
+      raise ValueError(f"sentencepiece model {self.vocab_path}: expected XLM-R's layout "
+                       f"<unk>=0 <s>=1 </s>=2, found unk={sp.unk_id()} bos={sp.bos_id()} "
+                       f"eos={sp.eos_id()}")
+    self._sp = sp
+    pieces = sp.get_piece_size()
+    self._id_to_token = (list(self.FAIRSEQ_SPECIALS)
+                         + [sp.id_to_piece(i) for i in range(3, pieces)] + ["<mask>"])
+    self._token_to_id = {t: i for i, t in enumerate(self._id_to_token)}
+    self.cls_id, self.pad_id, self.sep_id, self.unk_id = 0, 1, 2, 3
+    self.mask_id = len(self._id_to_token) - 1
+    self.vocab_size = len(self._id_to_token)
+    special = np.zeros((self.vocab_size,), bool)
+    special[[self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id]] = True
+    self.is_subword = np.array([not t.startswith(self.WORD_START) for t in self._id_to_token],
+                               dtype=bool) & ~special
+
+  def __getstate__(self):
+    return {"vocab_path": self.vocab_path}
+
+  def __setstate__(self, state):
+    self.vocab_path = state["vocab_path"]
+    self._load()
+
+  def _to_fairseq(self, spm_ids: Sequence[int]) -> list[int]:
+    return [self.unk_id if i == 0 else i + 1 for i in spm_ids]
+
+  def encode(self, text: str) -> list[int]:
+    """Fairseq ids of `text`, no special tokens."""
+    return self._to_fairseq(self._sp.encode(text))
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self._to_fairseq(ids) for ids in self._sp.encode(list(texts))]
+
+  def tokenize(self, text: str) -> list[str]:
+    return self.convert_ids_to_tokens(self.encode(text))
+
+  def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+    return [self._id_to_token[int(i)] for i in ids]
+
+  def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
+    return [self._token_to_id.get(t, self.unk_id) for t in tokens]
+
+
+# Tokenizer files looked for inside a directory, in this order.
+_TOKENIZER_FILES = ("vocab.txt", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(vocab_path: str) -> Tokenizer | SentencePieceTokenizer:
+  """The tokenizer a path names: sentencepiece (XLM-R ids) for a `.model` file, WordPiece for a
+  BERT vocab.txt; a directory is searched for vocab.txt, then sentencepiece.bpe.model."""
+  path = str(vocab_path)
+  if not path:
+    raise ValueError("no tokenizer given (config.data.vocab_path): a BERT vocab.txt, an XLM-R "
+                     "sentencepiece .model, or a directory holding one")
+  if os.path.isdir(path):
+    found = [os.path.join(path, f) for f in _TOKENIZER_FILES
+             if os.path.isfile(os.path.join(path, f))]
+    if not found:
+      raise FileNotFoundError(f"tokenizer directory {path} holds none of {_TOKENIZER_FILES}")
+    path = found[0]
+  if path.endswith(".model"):
+    return SentencePieceTokenizer(path)
+  return Tokenizer(path)
 
 
 def add_specials(ids: Sequence[int], tokenizer: Tokenizer, max_tokens: int) -> list[int]:
@@ -165,7 +254,8 @@ def whole_word_span(
 
 
 def choose_mask_positions(
-    ids: Sequence[int], is_subword: np.ndarray, cfg: MaskingConfig, rng: np.random.Generator
+    ids: Sequence[int], is_subword: np.ndarray, cfg: MaskingConfig, rng: np.random.Generator,
+    num_source_tokens: int = 0,
 ) -> list[int]:
   """Positions to mask in `ids` ([CLS] ... [SEP]), REFERENCE_DETAILED §2.4 steps 3-6.
 
@@ -173,12 +263,14 @@ def choose_mask_positions(
   includes [CLS] and [SEP]); candidates are every position but 0 ([SEP] is one), visited in random
   order; each starts a 1-token span, or with prob `skipgram_prb` a span of randint(2..size)
   tokens; spans grow to whole words over "##" pieces; overflow is cut to a random subset.
+  `num_source_tokens` > 0 (the captioner's prompt after [CLS]): those tokens are never masked
+  and do not count in `len` (the reference's `num_source_tokens`).
   """
   n = len(ids)
-  n_pred = min(cfg.max_masks, max(1, int(round(n * cfg.mask_prob))))
-  if n < 2:
+  n_pred = min(cfg.max_masks, max(1, int(round((n - num_source_tokens) * cfg.mask_prob))))
+  if n < 2 + num_source_tokens:
     return []
-  cand = list(range(1, n))
+  cand = list(range(1 + num_source_tokens, n))
   rng.shuffle(cand)
   max_cand = n - 1
   chosen: dict[int, None] = {}  # insertion-ordered set
@@ -195,7 +287,7 @@ def choose_mask_positions(
     if cfg.mask_whole_word:
       st, end = whole_word_span(ids, st, end, is_subword)
     for mp in range(st, end):
-      if 0 < mp <= max_cand:
+      if num_source_tokens < mp <= max_cand:
         chosen[mp] = None
       else:
         break

@@ -12,6 +12,10 @@ Usage:
   data = eval_data.load_retrieval_eval(jsonl, image_root, image_res, tokenizer, max_tokens)
   metrics, scores_i2t, scores_t2i = evaluate_retrieval(model, params, data, k_test=256,
                                                        batch_size=64)
+  # captions in several languages for one image set: images encoded once, metrics per language
+  data = eval_data.load_multilingual_retrieval_eval(jsonl, image_root, image_res, tokenizer,
+                                                    max_tokens, languages=("en", "de"))
+  per_lang_metrics, per_lang_scores = evaluate_multilingual_retrieval(model, params, data, ...)
 
 Execution: images and texts are encoded in fixed-size batches (the last one padded by repeating
 its last row, the padding dropped), so each jitted function compiles once; the embeddings stay
@@ -193,6 +197,27 @@ def itc_only_metrics(sims: Any, img2txt, txt2img) -> dict[str, float]:
   return metrics_lib.retrieval_metrics(sims, sims.T, img2txt, txt2img)
 
 
+def encode_images(params, images: Any, *, batch_size: int, fns: dict,
+                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """images [N_img, R, R, 3] -> (image_embeds [N_img, 1+N, D], image_feat [N_img, E]) on device."""
+  return _run_batched(lambda x: fns["encode_images"](params, x), (images,), batch_size, mesh)
+
+
+def encode_texts(params, text_ids: Any, text_atts: Any, *, batch_size: int, fns: dict,
+                 mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """ids/atts [N_txt, L] -> (text_embeds [N_txt, L, H], text_feat [N_txt, E], text_atts) on
+  device (the masks replicated over `mesh`, for the pair scorer's gathers)."""
+  text_embeds, text_feat = _run_batched(
+      lambda i, a: fns["encode_texts"](params, i, a), (text_ids, text_atts), batch_size, mesh)
+  atts = np.asarray(text_atts, np.int32)
+  if mesh is None:
+    atts = jax.device_put(atts)
+  else:
+    atts = jax.make_array_from_callback(atts.shape, sharding_lib.replicated(mesh),
+                                        lambda idx: atts[idx])
+  return text_embeds, text_feat, atts
+
+
 def compute_embeddings(model, params, data: dict, *, batch_size: int, mesh: Mesh | None = None,
                        fns: dict | None = None) -> dict[str, jax.Array]:
   """Encodes every image and text of `data` (device arrays, padding dropped).
@@ -203,20 +228,40 @@ def compute_embeddings(model, params, data: dict, *, batch_size: int, mesh: Mesh
   """
   _check_batch_size(batch_size, mesh)
   fns = fns or make_retrieval_fns(model, mesh)
-  image_embeds, image_feat = _run_batched(
-      lambda x: fns["encode_images"](params, x), (data["images"],), batch_size, mesh)
-  text_embeds, text_feat = _run_batched(
-      lambda i, a: fns["encode_texts"](params, i, a), (data["text_ids"], data["text_atts"]),
-      batch_size, mesh)
-  text_atts = np.asarray(data["text_atts"], np.int32)
-  if mesh is None:
-    text_atts = jax.device_put(text_atts)
-  else:
-    text_atts = jax.make_array_from_callback(text_atts.shape, sharding_lib.replicated(mesh),
-                                             lambda idx: text_atts[idx])
+  image_embeds, image_feat = encode_images(params, data["images"], batch_size=batch_size,
+                                           fns=fns, mesh=mesh)
+  text_embeds, text_feat, text_atts = encode_texts(params, data["text_ids"], data["text_atts"],
+                                                   batch_size=batch_size, fns=fns, mesh=mesh)
   return dict(image_embeds=image_embeds, image_feat=image_feat, text_embeds=text_embeds,
               text_feat=text_feat, text_atts=text_atts,
               sims=fns["similarities"](image_feat, text_feat))
+
+
+def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_size: int,
+                     fns: dict, mesh: Mesh | None = None, include_itc: bool = False,
+                     log_fn: Callable[[str], Any] = logging.info
+                     ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """Steps 3-4 of the module docstring on encoded images and texts (`compute_embeddings` keys):
+  top-k ITM re-ranking both ways, then the metrics. Returns (metrics, scores_i2t, scores_t2i) as
+  `evaluate_retrieval` does."""
+  sims = np.asarray(jax.device_get(emb["sims"]), np.float32)
+
+  def pair_score_fn(img_idx, txt_idx):
+    logits = fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
+                             _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
+    return logits[:, 1]  # the reference re-ranks by the raw class-1 logit
+
+  scores = {}
+  for direction in ("i2t", "t2i"):
+    scores[direction] = rerank.rerank_scores(sims, k_test, pair_score_fn, batch_size=batch_size,
+                                             direction=direction, log_fn=log_fn)
+  metrics = metrics_lib.retrieval_metrics(scores["i2t"], scores["t2i"], img2txt, txt2img)
+  if include_itc:
+    itc = itc_only_metrics(sims, img2txt, txt2img)
+    log_fn(f"retrieval R@1: ITC txt {itc['txt_r1']:.2f} img {itc['img_r1']:.2f} | ITM re-ranked "
+           f"(k={k_test}) txt {metrics['txt_r1']:.2f} img {metrics['img_r1']:.2f}")
+    metrics.update({f"itc_{k}": v for k, v in itc.items()})
+  return metrics, scores["i2t"], scores["t2i"]
 
 
 def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: int,
@@ -247,24 +292,46 @@ def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: in
 
   t0 = time.monotonic()
   emb = compute_embeddings(model, params, data, batch_size=batch_size, mesh=mesh, fns=fns)
-  sims = np.asarray(jax.device_get(emb["sims"]), np.float32)
   log_fn(f"retrieval: encoded {n_img} images and {n_txt} texts in {time.monotonic() - t0:.1f}s")
-
-  def pair_score_fn(img_idx, txt_idx):
-    logits = fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
-                             _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
-    return logits[:, 1]  # the reference re-ranks by the raw class-1 logit
-
-  scores = {}
-  for direction in ("i2t", "t2i"):
-    scores[direction] = rerank.rerank_scores(sims, k_test, pair_score_fn, batch_size=batch_size,
-                                             direction=direction, log_fn=log_fn)
-  metrics = metrics_lib.retrieval_metrics(scores["i2t"], scores["t2i"], data["img2txt"],
-                                          data["txt2img"])
-  if include_itc:
-    itc = itc_only_metrics(sims, data["img2txt"], data["txt2img"])
-    log_fn(f"retrieval R@1: ITC txt {itc['txt_r1']:.2f} img {itc['img_r1']:.2f} | ITM re-ranked "
-           f"(k={k_test}) txt {metrics['txt_r1']:.2f} img {metrics['img_r1']:.2f}")
-    metrics.update({f"itc_{k}": v for k, v in itc.items()})
+  metrics, scores_i2t, scores_t2i = rerank_and_score(
+      params, emb, data["img2txt"], data["txt2img"], k_test=k_test, batch_size=batch_size,
+      fns=fns, mesh=mesh, include_itc=include_itc, log_fn=log_fn)
   log_fn(f"retrieval: done in {time.monotonic() - t0:.1f}s, r_mean {metrics['r_mean']:.2f}")
-  return metrics, scores["i2t"], scores["t2i"]
+  return metrics, scores_i2t, scores_t2i
+
+
+def evaluate_multilingual_retrieval(
+    model, params, data: dict, *, k_test: int, batch_size: int, mesh: Mesh | None = None,
+    include_itc: bool = False, log_fn: Callable[[str], Any] = logging.info
+) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """Retrieval per language over one image set (Multi30K, multilingual COCO): the images are
+  encoded once, then each language's captions are encoded, ranked and re-ranked against them.
+
+  Args:
+    data: `eval_data.load_multilingual_retrieval_eval` output: images [N_img, R, R, 3] and
+      languages {lang: dict(text_ids, text_atts, txt2img, img2txt)}.
+    Others as `evaluate_retrieval`.
+  Returns:
+    ({lang: metrics}, {lang: (scores_i2t, scores_t2i)}), each as `evaluate_retrieval` returns.
+  """
+  _check_batch_size(batch_size, mesh)
+  params = _place_params(params, mesh)
+  fns = make_retrieval_fns(model, mesh)
+  t0 = time.monotonic()
+  image_embeds, image_feat = encode_images(params, data["images"], batch_size=batch_size,
+                                           fns=fns, mesh=mesh)
+  log_fn(f"retrieval: encoded {len(data['images'])} images in {time.monotonic() - t0:.1f}s")
+  metrics, scores = {}, {}
+  for lang, texts in data["languages"].items():
+    text_embeds, text_feat, text_atts = encode_texts(
+        params, texts["text_ids"], texts["text_atts"], batch_size=batch_size, fns=fns, mesh=mesh)
+    emb = dict(image_embeds=image_embeds, text_embeds=text_embeds, text_atts=text_atts,
+               sims=fns["similarities"](image_feat, text_feat))
+    lang_log = lambda line, lang=lang: log_fn(f"[{lang}] {line}")
+    metrics[lang], i2t, t2i = rerank_and_score(
+        params, emb, texts["img2txt"], texts["txt2img"], k_test=k_test, batch_size=batch_size,
+        fns=fns, mesh=mesh, include_itc=include_itc, log_fn=lang_log)
+    scores[lang] = (i2t, t2i)
+    log_fn(f"retrieval [{lang}]: {len(texts['text_ids'])} texts, r_mean "
+           f"{metrics[lang]['r_mean']:.2f} ({time.monotonic() - t0:.1f}s)")
+  return metrics, scores

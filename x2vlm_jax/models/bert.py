@@ -7,6 +7,13 @@ Three ways to run it, as in the reference's `BertEncoder(mode=...)`:
   `fuse`         text hidden states + vision -> fusion layers     ("fusion")
   `encode_multimodal` ids + vision -> all layers                  ("multi_modal"; MLM, VQA, NLVR2)
 Shapes: ids/atts `[B, L]`, hidden `[B, L, H]`, vision `[B, S, Dv]` with mask `[B, S]`.
+`atts` may also be a per-query mask `[B, L, L]` (query i may attend to key j) for sequences with
+their own visibility pattern (the captioner's inserted [MASK]s); `causal=True` additionally keeps
+each token from attending to later ones (the VQA answer decoder). `position_ids [B, L]` override
+0..L-1 where tokens share positions.
+XLM-R text layers (CCLM, the multilingual X2-VLM) are this stack with `position_rule="roberta"`
+(positions counted from the padding id), their own LayerNorm eps (`fusion_layer_norm_eps` keeps the
+BERT fusion layers' 1e-12) and, for CCLM's MLM head, an untied decoder (`tie_mlm_decoder=False`).
 """
 from __future__ import annotations
 
@@ -24,6 +31,22 @@ Dtype = Any
 def _key_mask(atts: jax.Array) -> jax.Array:
   """[B, S] 0/1 -> boolean [B, 1, 1, S] (True = attend)."""
   return (atts > 0)[:, None, None, :]
+
+
+def self_attention_mask(atts: jax.Array, causal: bool = False) -> jax.Array:
+  """Boolean self-attention mask, True = attend.
+
+  atts: [B, L] key padding (0/1) -> [B, 1, 1, L] (or [B, 1, L, L] when `causal`), or
+  [B, L, L] per-query visibility -> [B, 1, L, L].
+  """
+  if atts.ndim == 3:
+    mask = (atts > 0)[:, None]
+  else:
+    mask = _key_mask(atts)
+  if causal:
+    length = atts.shape[-1]
+    mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+  return mask
 
 
 class SelfAttention(nn.Module):
@@ -124,14 +147,32 @@ class BertLayer(nn.Module):
     return layers.constrain(hidden, ("act_batch", "act_len", "act_embed"))
 
 
+POSITION_RULES = ("absolute", "roberta")
+
+
+def roberta_position_ids(ids: jax.Array, pad_id: int) -> jax.Array:
+  """RoBERTa / XLM-R positions (HF `create_position_ids_from_input_ids`): ids [B, L] -> [B, L].
+
+  Real tokens count up from pad_id + 1 in order, skipping padding; every pad token gets pad_id.
+  """
+  real = (ids != pad_id).astype(jnp.int32)
+  return jnp.cumsum(real, axis=1) * real + pad_id
+
+
 class Embeddings(nn.Module):
-  """word + position + token_type(0) embeddings -> LayerNorm -> dropout."""
+  """word + position + token_type(0) embeddings -> LayerNorm -> dropout.
+
+  `position_rule`: "absolute" (BERT: token i at position i) or "roberta" (RoBERTa / XLM-R:
+  `roberta_position_ids`, positions offset by `pad_id + 1` and padding at `pad_id`).
+  """
   vocab_size: int
   width: int
   max_position: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   hidden_dropout: float = 0.1
+  position_rule: str = "absolute"
+  pad_id: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -147,12 +188,27 @@ class Embeddings(nn.Module):
     self.LayerNorm = layers.layer_norm(self.layer_norm_eps, name=None, **kw)
     self.dropout = nn.Dropout(self.hidden_dropout)
 
-  def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
-    """ids [B, L] -> [B, L, H]."""
+  def __call__(self, ids: jax.Array, deterministic: bool,
+               position_ids: jax.Array | None = None) -> jax.Array:
+    """ids [B, L] (positions [B, L], default 0..L-1) -> [B, L, H].
+
+    Explicit `position_ids` count from 0 under either rule ("roberta" shifts them by pad_id + 1).
+    """
+    if self.position_rule not in POSITION_RULES:
+      raise ValueError(f"position rule {self.position_rule!r}: expected one of {POSITION_RULES}")
     length = ids.shape[1]
-    if length > self.max_position:
-      raise ValueError(f"text length {length} exceeds max_position {self.max_position}")
-    x = (self.word_embeddings(ids) + self.position_embeddings(jnp.arange(length))[None]
+    offset = 0 if self.position_rule == "absolute" else self.pad_id + 1
+    if position_ids is None:
+      if length + offset > self.max_position:
+        raise ValueError(f"text length {length} exceeds max_position {self.max_position}"
+                         + (f" less the {offset} reserved positions" if offset else ""))
+      if self.position_rule == "absolute":
+        positions = self.position_embeddings(jnp.arange(length))[None]
+      else:
+        positions = self.position_embeddings(roberta_position_ids(ids, self.pad_id))
+    else:
+      positions = self.position_embeddings(position_ids + offset)
+    x = (self.word_embeddings(ids) + positions
          + self.token_type_embeddings(jnp.zeros_like(ids)))
     return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
@@ -175,6 +231,11 @@ class BertModel(nn.Module):
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
   mlm_head: bool = True
+  causal: bool = False  # each token attends only to itself and earlier ones (a decoder)
+  position_rule: str = "absolute"  # or "roberta" (XLM-R): see `Embeddings`
+  pad_id: int = 0  # the padding id ("roberta" positions)
+  fusion_layer_norm_eps: float | None = None  # the fusion layers' eps (None: layer_norm_eps)
+  tie_mlm_decoder: bool = True  # False: the MLM decoder is its own [H, V] matrix (`mlm_decoder`)
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
   dtype: Dtype = jnp.float32
@@ -184,31 +245,38 @@ class BertModel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embeddings = Embeddings(self.vocab_size, self.width, self.max_position,
                                  self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout,
-                                 **kw)
+                                 self.position_rule, self.pad_id, **kw)
+    fusion_eps = (self.layer_norm_eps if self.fusion_layer_norm_eps is None
+                  else self.fusion_layer_norm_eps)
     layer_cls = (nn.remat(BertLayer, static_argnums=(5,),
                           policy=layers.remat_policy(self.remat_policy))
                  if self.remat else BertLayer)
     self.layer = [
-        layer_cls(self.num_heads, self.mlp_dim, i >= self.fusion_start, self.layer_norm_eps,
+        layer_cls(self.num_heads, self.mlp_dim, i >= self.fusion_start,
+                  fusion_eps if i >= self.fusion_start else self.layer_norm_eps,
                   self.hidden_dropout, self.attention_dropout, **kw)
         for i in range(self.num_layers)
     ]
     if self.mlm_head:
       self.mlm_transform = MlmTransform(self.layer_norm_eps, **kw)
+      if not self.tie_mlm_decoder:
+        self.mlm_decoder = layers.dense(self.vocab_size, ("embed", "vocab"), use_bias=False,
+                                        name=None, **kw)
       self.mlm_bias = self.param("mlm_bias",
                                  nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                                  (self.vocab_size,), self.param_dtype)
 
   def _run(self, hidden, atts, start, stop, vision, vision_atts, deterministic):
-    mask = _key_mask(atts)
+    mask = self_attention_mask(atts, self.causal)
     vision_mask = None if vision_atts is None else _key_mask(vision_atts)
     for i in range(start, stop):
       hidden = self.layer[i](hidden, mask, vision, vision_mask, deterministic)
     return hidden
 
-  def encode_text(self, ids: jax.Array, atts: jax.Array, deterministic: bool = True) -> jax.Array:
+  def encode_text(self, ids: jax.Array, atts: jax.Array, deterministic: bool = True,
+                  position_ids: jax.Array | None = None) -> jax.Array:
     """Text layers only: ids/atts [B, L] -> text_embeds [B, L, H]."""
-    hidden = self.embeddings(ids, deterministic)
+    hidden = self.embeddings(ids, deterministic, position_ids)
     return self._run(hidden, atts, 0, self.fusion_start, None, None, deterministic)
 
   def fuse(self, text_embeds: jax.Array, text_atts: jax.Array, vision: jax.Array,
@@ -218,15 +286,19 @@ class BertModel(nn.Module):
                      vision_atts, deterministic)
 
   def encode_multimodal(self, ids: jax.Array, atts: jax.Array, vision: jax.Array,
-                        vision_atts: jax.Array, deterministic: bool = True) -> jax.Array:
-    """All layers from token ids, cross-attending to vision in the fusion layers -> [B, L, H]."""
-    hidden = self.embeddings(ids, deterministic)
+                        vision_atts: jax.Array, deterministic: bool = True,
+                        position_ids: jax.Array | None = None) -> jax.Array:
+    """All layers from token ids, cross-attending to vision in the fusion layers -> [B, L, H].
+    atts [B, L] or [B, L, L] (see the module docstring)."""
+    hidden = self.embeddings(ids, deterministic, position_ids)
     return self._run(hidden, atts, 0, self.num_layers, vision, vision_atts, deterministic)
 
   def mlm_logits(self, hidden: jax.Array) -> jax.Array:
-    """MLM head with the decoder tied to the word embeddings: [B, M, H] -> [B, M, V] float32."""
+    """MLM head, its decoder tied to the word embeddings unless `tie_mlm_decoder` is False:
+    [B, M, H] -> [B, M, V] float32."""
     h = self.mlm_transform(hidden)
-    return self.embeddings.attend(h).astype(jnp.float32) + self.mlm_bias.astype(jnp.float32)
+    logits = self.embeddings.attend(h) if self.tie_mlm_decoder else self.mlm_decoder(h)
+    return logits.astype(jnp.float32) + self.mlm_bias.astype(jnp.float32)
 
 
 class MlmTransform(nn.Module):

@@ -5,7 +5,9 @@ Shapes: images `[B, H, W, 3]` NHWC, text ids/atts `[B, L]`, vision embeds `[B, 1
 text embeds `[B, L, H]`, features `[B, E]` (L2-normalised).
 
 Parameter tree (top level): `vision`, `text`, `vision_proj`, `text_proj`, `temp`, `itm_head`,
-`bbox_head`, and `frame_pos_embed` when `num_frames > 0`.
+`bbox_head`, and when configured `frame_pos_embed` (`num_frames > 0`), `vqa_head`, `nlvr_cls`,
+`answer_decoder` (`vqa_decoder_layers > 0`: the generative VQA decoder, a causal BERT stack with
+cross-attention to the fused question and its own embeddings and tied LM head).
 """
 from __future__ import annotations
 
@@ -55,13 +57,23 @@ class X2VLM(nn.Module):
   max_position: int = 512
   type_vocab_size: int = 2
   text_layer_norm_eps: float = 1e-12
+  # The fusion layers are BERT layers in every release (CCLM too, under XLM-R text layers of 1e-5).
+  fusion_layer_norm_eps: float = 1e-12
+  # "absolute" (BERT) or "roberta" (XLM-R / CCLM: positions pad_id+1, pad_id+2, ... over the real
+  # tokens, pads at pad_id; max_position 514 holds 512 tokens); `text_pad_id` = the tokenizer's.
+  text_position_ids: str = "absolute"
+  text_pad_id: int = 0
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
   mlm_head: bool = True
+  mlm_decoder_tied: bool = True  # False: the MLM decoder is its own matrix (CCLM's `mlm_head`)
   # Heads.
   embed_dim: int = 256
   vqa_num_answers: int = 0  # > 0: VQA as classification over this answer list (`vqa_head`)
   nlvr_head: bool = False  # NLVR2: a 2-way head on the two fused [CLS] concatenated (`nlvr_cls`)
+  # > 0: generative VQA (reference `XVLMForVQA`): an answer decoder of this many causal BERT layers
+  # cross-attending to the fused question (`answer_decoder`), initialised from the fusion layers.
+  vqa_decoder_layers: int = 0
   temp_init: float = 0.07
   # Execution.
   remat: bool = False  # rematerialise each ViT block and BERT layer in the backward pass
@@ -84,7 +96,9 @@ class X2VLM(nn.Module):
         num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_position=self.max_position,
         type_vocab_size=self.type_vocab_size, layer_norm_eps=self.text_layer_norm_eps,
         hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
-        mlm_head=self.mlm_head, remat=self.remat, remat_policy=self.remat_policy,
+        mlm_head=self.mlm_head, position_rule=self.text_position_ids, pad_id=self.text_pad_id,
+        fusion_layer_norm_eps=self.fusion_layer_norm_eps,
+        tie_mlm_decoder=self.mlm_decoder_tied, remat=self.remat, remat_policy=self.remat_policy,
         **kw)
     self.vision_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
     self.text_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
@@ -96,6 +110,18 @@ class X2VLM(nn.Module):
       self.vqa_head = layers.MlpHead(self.vqa_num_answers, 2 * self.text_width, **kw)
     if self.nlvr_head:
       self.nlvr_cls = layers.MlpHead(2, 4 * self.text_width, **kw)
+    if self.vqa_decoder_layers > 0:
+      self.answer_decoder = BertModel(
+          vocab_size=self.vocab_size, width=self.text_width, num_layers=self.vqa_decoder_layers,
+          fusion_start=0, num_heads=self.text_heads, mlp_dim=self.text_mlp_dim,
+          max_position=self.max_position, type_vocab_size=self.type_vocab_size,
+          layer_norm_eps=self.text_layer_norm_eps, hidden_dropout=self.hidden_dropout,
+          attention_dropout=self.attention_dropout, mlm_head=True, causal=True,
+          # Same embeddings / layer / head rules as the text stack it is initialised from.
+          position_rule=self.text_position_ids, pad_id=self.text_pad_id,
+          fusion_layer_norm_eps=self.fusion_layer_norm_eps,
+          tie_mlm_decoder=self.mlm_decoder_tied,
+          remat=self.remat, remat_policy=self.remat_policy, **kw)
     if self.num_frames > 0:
       self.frame_pos_embed = self.param(
           "frame_pos_embed",
@@ -185,6 +211,16 @@ class X2VLM(nn.Module):
     pair = jnp.concatenate([cross_0[:, 0], cross_1[:, 0]], axis=-1)
     return self.nlvr_cls(pair).astype(jnp.float32)
 
+  def answer_logits(self, answer_ids: jax.Array, answer_atts: jax.Array,
+                    question_states: jax.Array, question_atts: jax.Array,
+                    deterministic: bool = True) -> jax.Array:
+    """Answer decoder, teacher-forced: answer ids/atts [B, La] (`[CLS] answer [SEP]`, causal),
+    attending to the fused question [B, Lq, H] (mask [B, Lq]) -> next-token logits [B, La, V]
+    (position t predicts token t + 1), float32."""
+    hidden = self.answer_decoder.encode_multimodal(answer_ids, answer_atts, question_states,
+                                                   question_atts, deterministic)
+    return self.answer_decoder.mlm_logits(hidden)
+
   def mlm_logits(self, text_ids_masked: jax.Array, text_atts: jax.Array, vision_embeds: jax.Array,
                  vision_atts: jax.Array, masked_pos: jax.Array,
                  deterministic: bool = True) -> jax.Array:
@@ -212,6 +248,9 @@ class X2VLM(nn.Module):
       out["vqa_logits"] = self.vqa_logits(cross)
     if self.nlvr_head:
       out["nlvr_logits"] = self.nlvr_logits(cross, cross)
+    if self.vqa_decoder_layers > 0:
+      out["answer_logits"] = self.answer_logits(text_ids, text_atts, cross, text_atts,
+                                                deterministic)
     if self.mlm_head:
       out["mlm_logits"] = self.mlm_logits(text_ids, text_atts, image_embeds, image_atts,
                                           jnp.zeros((text_ids.shape[0], 1), jnp.int32),
