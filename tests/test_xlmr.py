@@ -396,7 +396,7 @@ def test_multilingual_retrieval_from_config(spm_dir, tok, tmp_path):
     want, i2t, _ = retrieval.evaluate_retrieval(model, params, data, k_test=2, batch_size=4)
     for k in names:
       assert results[f"eval/retrieval/{lang}/{k}"] == pytest.approx(want[k], abs=1e-9), (lang, k)
-    saved = np.load(out_dir / f"retrieval_scores_{lang}.npz")
+    saved = np.load(out_dir / f"retrieval_{lang}_scores.npz")
     np.testing.assert_allclose(saved["scores_i2t"], i2t, atol=1e-5)
   assert results["eval/retrieval/mean/r_mean"] == pytest.approx(
       np.mean([results[f"eval/retrieval/{lang}/r_mean"] for lang in ("en", "de", "fr")]))

@@ -16,7 +16,7 @@ Images are resized to `config.model.image_res`. Returns flat metrics named `eval
 ready for `metrics.jsonl`. With `predictions_dir`, also writes
   retrieval_scores.npz            the re-ranked score matrices (tools/score_retrieval.py reads it)
   retrieval_rankings.json         top-10 texts of every image and top-10 images of every text
-  retrieval_{scores,rankings}_<lang>.{npz,json}   the same for each language
+  retrieval_<lang>_{scores.npz,rankings.json}     the same for each language
   grounding_<split>.jsonl         every record's predicted box [x, y, w, h] in original pixels
   vqa_<split>.json                [{"question_id", "answer"}] (tools/score_vqa.py, the VQA server)
   video_retrieval_{scores.npz,rankings.json}   as retrieval_*, "image" = video
@@ -65,6 +65,19 @@ def top_rankings(scores_i2t: np.ndarray, scores_t2i: np.ndarray, k: int = TOP_RA
   return {"image_to_text": top(scores_i2t), "text_to_image": top(scores_t2i)}
 
 
+def _write_retrieval_outputs(predictions_dir: str | None, stem: str, scores_a2t: np.ndarray,
+                             scores_t2a: np.ndarray) -> None:
+  """`<stem>_scores.npz` (tools/score_retrieval.py) and `<stem>_rankings.json` (top 10 each way)."""
+  if not predictions_dir:
+    return
+  from x2vlm_jax.evaluate import retrieval_metrics
+
+  retrieval_metrics.save_scores(os.path.join(predictions_dir, f"{stem}_scores.npz"),
+                                scores_a2t, scores_t2a)
+  with open(os.path.join(predictions_dir, f"{stem}_rankings.json"), "w") as f:
+    json.dump(top_rankings(scores_a2t, scores_t2a), f)
+
+
 def _write_grounding_predictions(path: str, jsonl: str, pred_xywh: np.ndarray) -> None:
   with open(path, "w") as out:
     for n, box in enumerate(pred_xywh):
@@ -78,7 +91,7 @@ def run(config, model, params, *, predictions_dir: str | None = None) -> dict[st
           or ecfg.vqa_files or ecfg.nlvr_files or ecfg.video_retrieval_file
           or ecfg.video_qa_files or ecfg.caption_files):
     return {}
-  from x2vlm_jax.evaluate import classification, grounding, retrieval, retrieval_metrics
+  from x2vlm_jax.evaluate import classification, grounding, retrieval
 
   params = jax.device_get(params)
   tokenizer = text_lib.load_tokenizer(dcfg.vocab_path)
@@ -92,11 +105,7 @@ def run(config, model, params, *, predictions_dir: str | None = None) -> dict[st
     metrics, scores_i2t, scores_t2i = retrieval.evaluate_retrieval(
         model, params, data, k_test=ecfg.k_test, batch_size=ecfg.batch_size, include_itc=True)
     results.update({f"eval/retrieval/{k}": v for k, v in metrics.items()})
-    if predictions_dir:
-      retrieval_metrics.save_scores(os.path.join(predictions_dir, "retrieval_scores.npz"),
-                                    scores_i2t, scores_t2i)
-      with open(os.path.join(predictions_dir, "retrieval_rankings.json"), "w") as f:
-        json.dump(top_rankings(scores_i2t, scores_t2i), f)
+    _write_retrieval_outputs(predictions_dir, "retrieval", scores_i2t, scores_t2i)
   if ecfg.multilingual_retrieval_file:
     data = eval_data.load_multilingual_retrieval_eval(
         ecfg.multilingual_retrieval_file, ecfg.multilingual_retrieval_image_root,
@@ -105,11 +114,7 @@ def run(config, model, params, *, predictions_dir: str | None = None) -> dict[st
         model, params, data, k_test=ecfg.k_test, batch_size=ecfg.batch_size, include_itc=True)
     for lang, metrics in per_lang.items():
       results.update({f"eval/retrieval/{lang}/{k}": v for k, v in metrics.items()})
-      if predictions_dir:
-        retrieval_metrics.save_scores(
-            os.path.join(predictions_dir, f"retrieval_scores_{lang}.npz"), *scores[lang])
-        with open(os.path.join(predictions_dir, f"retrieval_rankings_{lang}.json"), "w") as f:
-          json.dump(top_rankings(*scores[lang]), f)
+      _write_retrieval_outputs(predictions_dir, f"retrieval_{lang}", *scores[lang])
     for key in next(iter(per_lang.values())):
       results[f"eval/retrieval/mean/{key}"] = float(np.mean([m[key] for m in per_lang.values()]))
   for path, name in _named_splits(ecfg.grounding_files, "grounding_files"):
@@ -157,7 +162,7 @@ def _run_video(config, model, params, text_args: dict, predictions_dir: str | No
   """Video retrieval and video QA metrics (`eval/video_retrieval/...`, `eval/video_qa/...`)."""
   from x2vlm_jax.data import video as video_lib
   from x2vlm_jax.data import video_examples
-  from x2vlm_jax.evaluate import retrieval_metrics, video
+  from x2vlm_jax.evaluate import video
 
   ecfg, dcfg = config.eval, config.data
   results: dict[str, float] = {}
@@ -171,11 +176,7 @@ def _run_video(config, model, params, text_args: dict, predictions_dir: str | No
         sampling=video_lib.eval_sampling(vt.sampling), folder_fps=vt.frame_folder_fps,
         include_itc=True)
     results.update({f"eval/video_retrieval/{k}": v for k, v in metrics.items()})
-    if predictions_dir:
-      retrieval_metrics.save_scores(os.path.join(predictions_dir, "video_retrieval_scores.npz"),
-                                    scores_v2t, scores_t2v)
-      with open(os.path.join(predictions_dir, "video_retrieval_rankings.json"), "w") as f:
-        json.dump(top_rankings(scores_v2t, scores_t2v), f)
+    _write_retrieval_outputs(predictions_dir, "video_retrieval", scores_v2t, scores_t2v)
   qa = dcfg.video_qa
   for path, name in _named_splits(ecfg.video_qa_files, "video_qa_files"):
     answers = video_examples.load_answer_labels(qa.answer_list)
