@@ -258,6 +258,16 @@ def check_vocab(config) -> None:
                      f"config.model.text_pad_id is {config.model.text_pad_id} (roberta positions)")
 
 
+def _check_answer_head(model_cfg, task: str, path: str, answers) -> None:
+  """The classification head (`model.vqa_num_answers`) must exist and have one logit per answer
+  of the list read from `path`."""
+  if model_cfg.vqa_num_answers <= 0:
+    raise ValueError(f"{task} training or evaluation needs config.model.vqa_num_answers > 0")
+  if len(answers) != model_cfg.vqa_num_answers:
+    raise ValueError(f"{path} lists {len(answers)} answers but config.model.vqa_num_answers is "
+                     f"{model_cfg.vqa_num_answers}")
+
+
 def check_task_heads(config) -> None:
   """VQA / NLVR2 batches and evaluations need their heads, sized to the answer list (fails before
   compiling)."""
@@ -271,12 +281,8 @@ def check_task_heads(config) -> None:
   if e.vqa_files and m.vqa_decoder_layers > 0:
     examples_lib.load_answer_list(config.data.vqa.answer_list)  # ranked by the decoder
   if classifies:
-    if m.vqa_num_answers <= 0:
-      raise ValueError("VQA training or evaluation needs config.model.vqa_num_answers > 0")
-    answers = examples_lib.load_answer_list(config.data.vqa.answer_list)
-    if len(answers) != m.vqa_num_answers:
-      raise ValueError(f"{config.data.vqa.answer_list} lists {len(answers)} answers but "
-                       f"config.model.vqa_num_answers is {m.vqa_num_answers}")
+    _check_answer_head(m, "VQA", config.data.vqa.answer_list,
+                       examples_lib.load_answer_list(config.data.vqa.answer_list))
   if (t.nlvr_weight > 0 or e.nlvr_files) and not m.nlvr_head:
     raise ValueError("NLVR2 training or evaluation needs config.model.nlvr_head = True")
   check_video(config)
@@ -317,12 +323,8 @@ def check_video(config) -> None:
                         or bool(e.video_retrieval_file),
           "video_qa": t.video_qa_weight > 0 or bool(e.video_qa_files)}
   if uses["video_qa"]:
-    if m.vqa_num_answers <= 0:
-      raise ValueError("video QA training or evaluation needs config.model.vqa_num_answers > 0")
-    answers = video_examples.load_answer_labels(config.data.video_qa.answer_list)
-    if len(answers) != m.vqa_num_answers:
-      raise ValueError(f"{config.data.video_qa.answer_list} lists {len(answers)} answers but "
-                       f"config.model.vqa_num_answers is {m.vqa_num_answers}")
+    _check_answer_head(m, "video QA", config.data.video_qa.answer_list,
+                       video_examples.load_answer_labels(config.data.video_qa.answer_list))
   for section, used in uses.items():
     frames = config.data[section].num_frames
     if used and m.num_frames > 0 and frames > m.num_frames:
