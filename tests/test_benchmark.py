@@ -72,10 +72,15 @@ def test_objective_forward_flops_are_near_xla_and_training_is_three_forwards():
   parts = flops.objective_forward_breakdown(config.model, "regions", sizes["regions"])
   assert analytic == sum(parts.values())
   assert flops.train_step_flops(config.model, sizes) == 3 * analytic
-  # The fusion stack runs 3x for ITM (positives, negative images, negative texts) and once for
-  # the box head; MLM re-runs the text stack.
-  assert parts["itm_fusion"] == 3 * parts["box_fusion"]
-  assert parts["mlm_encoder"] == parts["text_encoder"] + parts["box_fusion"]
+  # The fusion stack runs on 3R rows for ITM (positives, negative images, negative texts) and on
+  # R rows for the box head; MLM re-runs the text stack. The cross-attention keys/values of the
+  # region rows are computed once for the positive, negative-text and MLM texts.
+  m, r, length = config.model, sizes["regions"].texts, config.data.max_tokens
+  s = flops.vision_tokens(m)
+  kv_per_row = m.fusion_layers * 2 * flops.matmul_flops(s, m.text_width, m.vision_width)
+  assert parts["box_fusion"] == flops.fusion_flops(m, r, length, s)
+  assert parts["itm_fusion"] == 3 * parts["box_fusion"] - r * kv_per_row
+  assert parts["mlm_encoder"] == parts["text_encoder"] + parts["box_fusion"] - r * kv_per_row
 
   bench = _benchmark_module()
   batch = bench.synthetic_batch(config, "regions", np.random.default_rng(0))
@@ -132,7 +137,9 @@ def test_fine_tuning_kinds_count_what_their_objectives_run():
   assert retrieval == {k: v for k, v in pre.items() if not k.startswith("mlm")}
   grounding = flops.objective_forward_breakdown(m, "grounding", sizes)
   assert sorted(grounding) == ["box_fusion", "box_head", "text_encoder", "vit"]
-  assert grounding["box_fusion"] * 3 == pre["itm_fusion"]
+  kv_per_row = m.fusion_layers * 2 * flops.matmul_flops(flops.vision_tokens(m), m.text_width,
+                                                        m.vision_width)
+  assert grounding["box_fusion"] * 3 == pre["itm_fusion"] + 8 * kv_per_row  # 8 shared K/V rows
   with pytest.raises(ValueError):
     flops.objective_forward_breakdown(m, "vqa", sizes)
 

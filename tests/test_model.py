@@ -110,3 +110,61 @@ def test_remat_policies_give_the_same_gradients(tiny):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=policy)
   with pytest.raises(ValueError, match="remat_policy 'dots'"):
     x2vlm.build_model(ml_collections.ConfigDict(dict(x2vlm.model_config(), remat_policy="dots")))
+
+
+def test_texts_sharing_a_vision_row_fuse_as_if_it_were_repeated(tiny):
+  """fuse(vision [B], texts [B*G]) == fuse(vision repeated G times, texts): keys/values shared."""
+  model, variables, images, ids, atts = tiny
+  vision = model.apply(variables, images, method=x2vlm.X2VLM.encode_image)
+  vision_atts = jnp.array([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]])
+  texts = model.apply(variables, ids[jnp.array([0, 1, 1, 0, 1, 0])],
+                      atts[jnp.array([0, 1, 1, 0, 1, 0])], method=x2vlm.X2VLM.encode_text)
+  text_atts = atts[jnp.array([0, 1, 1, 0, 1, 0])]
+  fuse = lambda v, va: model.apply(variables, v, va, texts, text_atts, method=x2vlm.X2VLM.fuse)
+  shared = fuse(vision, vision_atts)  # rows 0-2 with image 0, rows 3-5 with image 1
+  repeated = fuse(jnp.repeat(vision, 3, axis=0), jnp.repeat(vision_atts, 3, axis=0))
+  np.testing.assert_allclose(shared, repeated, atol=2e-6)
+  assert np.abs(np.asarray(shared[0] - shared[3])).max() > 1e-3  # the images do differ
+  with pytest.raises(ValueError, match="whole multiple"):
+    model.apply(variables, vision, vision_atts, texts[:5], text_atts[:5],
+                method=x2vlm.X2VLM.fuse)
+
+
+def test_region_objective_equals_its_per_loss_composition(tiny):
+  """The objective's two batched fusion passes give the losses of one fusion pass per loss."""
+  from x2vlm_jax import losses, objectives
+  model, variables, images, _, _ = tiny
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(np.concatenate([np.full((3, 1), 2), rng.integers(5, 64, (3, 5))], 1))
+  text_atts = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+  batch = dict(image=images, text_ids=ids, text_atts=text_atts,
+               text_ids_masked=ids.at[:, 2].set(4), masked_pos=jnp.full((3, 1), 2),
+               masked_ids=ids[:, 2:3], idx_to_group_img=jnp.array([0, 1, 1]),
+               image_atts=jnp.array([[1, 1, 1, 0, 0], [1, 0, 1, 0, 1], [1, 1, 1, 1, 1]]),
+               target_bbox=jnp.array([[.3, .3, .2, .2], [.5, .6, .4, .3], [.5, .5, 1., 1.]]),
+               is_image=jnp.array([0, 0, 1]), pair_id=jnp.arange(3))
+  key = jax.random.PRNGKey(3)
+  got = model.apply(variables, batch, key, method=objectives.region_objective)
+
+  def composed(m):
+    region, full = m.encode_regions(images, batch["image_atts"], batch["idx_to_group_img"])
+    text = m.encode_text(ids, text_atts)
+    image_feat, text_feat = m.image_features(region), m.text_features(text)
+    neg_image, neg_text = losses.sample_hard_negatives(key, image_feat, text_feat,
+                                                       m.clamped_temp(), batch["pair_id"])
+    itm = lambda v, va, t, ta: m.itm_logits(m.fuse(v, va, t, ta))
+    atts = batch["image_atts"]
+    negatives = jnp.concatenate([itm(region[neg_image], atts[neg_image], text, text_atts),
+                                 itm(region, atts, text[neg_text], text_atts[neg_text])])
+    mlm = m.mlm_logits(batch["text_ids_masked"], text_atts, region, atts, batch["masked_pos"])
+    box = m.predict_box_in_image(full, text, text_atts)
+    l1, giou = losses.box_losses(box, batch["target_bbox"], batch["is_image"])
+    return {"itc": losses.itc_loss(image_feat, text_feat, m.clamped_temp(), batch["pair_id"]),
+            "itm": losses.itm_loss(itm(region, atts, text, text_atts), negatives),
+            "mlm": losses.mlm_loss(mlm, batch["masked_ids"]), "bbox_l1": l1, "bbox_giou": giou}
+
+  want = model.apply(variables, method=composed)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(want[name]) > 0.01, name

@@ -21,7 +21,9 @@ length, S = 1 + (image_res / patch)^2 vision tokens, M = masked positions:
     ITC logits [B, B] and the hard-negative similarity [B, B]; the fusion layers on 3B rows
     (positives, negative image, negative text) + the ITM head on 3B [CLS] rows; MLM = embeddings +
     text layers + fusion layers on the B masked texts, then the MLM head on the B·M masked
-    positions only (`X2VLM.mlm_logits` gathers them before the transform and the tied decoder).
+    positions only (`X2VLM.masked_token_logits` gathers them before the transform and the tied
+    decoder). Cross-attention keys/values are projected once per vision row: B rows shared by
+    the positive, negative-text and MLM texts of each image, B rows of negative images.
   regions: ViT on N_img images (once per image; regions are pooled from patches, not re-encoded);
     the same as above with B = R region texts; plus the fusion layers once more on R rows (whole
     image vs. the text) and the box head on R [CLS] rows.
@@ -111,12 +113,16 @@ def self_attention_flops(model_cfg, texts: int, text_len: int) -> int:
           + matmul_flops(rows, h, h))
 
 
-def cross_attention_flops(model_cfg, texts: int, text_len: int, vision_len: int) -> int:
+def cross_attention_flops(model_cfg, texts: int, text_len: int, vision_len: int,
+                          vision_rows: int | None = None) -> int:
   """Cross-attention of L text tokens to S vision tokens, per sequence: query (H -> H),
-  key/value on the vision tokens (Dv -> H each), scores + weighted sum (L x S), output dense."""
+  key/value on the vision tokens (Dv -> H each) of `vision_rows` vision sequences (default one
+  per text; texts sharing a vision row share its keys/values), scores + weighted sum (L x S),
+  output dense."""
   h, dv = _get(model_cfg, "text_width"), _get(model_cfg, "vision_width")
   rows = texts * text_len
-  return (matmul_flops(rows, h, h) + 2 * matmul_flops(texts * vision_len, h, dv)
+  vision_rows = texts if vision_rows is None else vision_rows
+  return (matmul_flops(rows, h, h) + 2 * matmul_flops(vision_rows * vision_len, h, dv)
           + attention_core_flops(texts, text_len, vision_len, h) + matmul_flops(rows, h, h))
 
 
@@ -125,10 +131,11 @@ def text_layer_flops(model_cfg, texts: int, text_len: int) -> int:
   return self_attention_flops(model_cfg, texts, text_len) + _ffn_flops(model_cfg, texts * text_len)
 
 
-def fusion_layer_flops(model_cfg, texts: int, text_len: int, vision_len: int) -> int:
+def fusion_layer_flops(model_cfg, texts: int, text_len: int, vision_len: int,
+                       vision_rows: int | None = None) -> int:
   """One fusion layer: self-attention + cross-attention to the vision tokens + FFN."""
   return (self_attention_flops(model_cfg, texts, text_len)
-          + cross_attention_flops(model_cfg, texts, text_len, vision_len)
+          + cross_attention_flops(model_cfg, texts, text_len, vision_len, vision_rows)
           + _ffn_flops(model_cfg, texts * text_len))
 
 
@@ -137,10 +144,12 @@ def text_encoder_flops(model_cfg, texts: int, text_len: int) -> int:
   return _get(model_cfg, "text_layers") * text_layer_flops(model_cfg, texts, text_len)
 
 
-def fusion_flops(model_cfg, texts: int, text_len: int, vision_len: int) -> int:
-  """`fuse`: the `fusion_layers` fusion layers on `texts` (text, vision) pairs."""
+def fusion_flops(model_cfg, texts: int, text_len: int, vision_len: int,
+                 vision_rows: int | None = None) -> int:
+  """`fuse`: the `fusion_layers` fusion layers on `texts` texts, the keys/values projected from
+  `vision_rows` vision sequences (default: one per text)."""
   return _get(model_cfg, "fusion_layers") * fusion_layer_flops(model_cfg, texts, text_len,
-                                                               vision_len)
+                                                               vision_len, vision_rows)
 
 
 # ------------------------------------------------------------------------------------ heads
@@ -190,10 +199,14 @@ def objective_forward_breakdown(model_cfg, kind: str, sizes: BatchSizes) -> dict
       "vit": vit_flops(model_cfg, sizes.images),
       "text_encoder": text_encoder_flops(model_cfg, b, L),
       "itc": projection_flops(model_cfg, b) + contrastive_flops(model_cfg, b),
-      "itm_fusion": fusion_flops(model_cfg, 3 * b, L, s),
+      # 3B rows; keys/values of 2B vision rows: each text's own (shared by its positive,
+      # negative-text and MLM rows) and the negative images.
+      "itm_fusion": fusion_flops(model_cfg, 3 * b, L, s, vision_rows=2 * b),
       "itm_head": mlp_head_flops(model_cfg, 3 * b, 2),
-      # MLM re-runs the whole text stack on the masked ids, cross-attending to the vision tokens.
-      "mlm_encoder": (text_encoder_flops(model_cfg, b, L) + fusion_flops(model_cfg, b, L, s)),
+      # MLM re-runs the text layers on the masked ids, then the fusion layers, cross-attending to
+      # the keys/values the ITM positives computed.
+      "mlm_encoder": (text_encoder_flops(model_cfg, b, L)
+                      + fusion_flops(model_cfg, b, L, s, vision_rows=0)),
       "mlm_head": mlm_head_flops(model_cfg, b, sizes.masks) if _mlm_head(model_cfg) else 0,
   }
   if kind == "retrieval":

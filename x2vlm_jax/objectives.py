@@ -34,12 +34,20 @@ def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
 
 def aligning_losses(m, vision_embeds, vision_atts, batch, rng, *, deterministic: bool,
                     idx=None, itc_feature_grad_scale: float = 1.0, with_itm: bool = True,
-                    with_mlm: bool = True):
+                    with_mlm: bool = True, box_vision_embeds=None):
   """ITC + ITM (hard negatives) + MLM for vision embeds [B, 1+N, D] (mask [B, 1+N]) and texts.
 
-  Returns (losses dict, text_embeds [B, L, H]).
+  With `box_vision_embeds` [B, 1+N, D] (each text's whole image) the box of each text is predicted
+  in it too: + 'bbox_l1' / 'bbox_giou' against `target_bbox` [B, 4] (rows with `is_image` set do
+  not count).
+
+  The fusion layers run once for the texts fused with their own vision row (ITM positives, ITM
+  negative texts, MLM's masked texts: G texts per vision row, whose keys/values `m.fuse` computes
+  once) and once for the texts fused with another vision row (ITM negative images, box rows).
+  Returns the losses dict.
   """
   text_ids, text_atts = batch["text_ids"], batch["text_atts"]
+  batch_size = text_ids.shape[0]
   text_embeds = m.encode_text(text_ids, text_atts, deterministic)
   image_feat = m.image_features(vision_embeds)
   text_feat = m.text_features(text_embeds)
@@ -47,23 +55,44 @@ def aligning_losses(m, vision_embeds, vision_atts, batch, rng, *, deterministic:
   out = {"itc": losses.itc_loss(scale_gradient(image_feat, itc_feature_grad_scale),
                                 scale_gradient(text_feat, itc_feature_grad_scale), temp, idx)}
 
+  own = {}  # name -> (text [B, L, H], atts [B, L]) fused with vision_embeds[b]
+  other = {}  # name -> (vision [B, 1+N, D], vision atts, text, text atts)
   if with_itm:
     neg_image_idx, neg_text_idx = losses.sample_hard_negatives(rng, image_feat, text_feat, temp, idx)
-    # Rows: positives (text_b, image_b); (text_b, negative image); (negative text, image_b).
-    vision_all = jnp.concatenate([vision_embeds, vision_embeds[neg_image_idx], vision_embeds])
-    vision_atts_all = jnp.concatenate([vision_atts, vision_atts[neg_image_idx], vision_atts])
-    text_all = jnp.concatenate([text_embeds, text_embeds, text_embeds[neg_text_idx]])
-    text_atts_all = jnp.concatenate([text_atts, text_atts, text_atts[neg_text_idx]])
-    cross = m.fuse(vision_all, vision_atts_all, text_all, text_atts_all, deterministic)
-    logits = m.itm_logits(cross)
-    batch_size = text_ids.shape[0]
-    out["itm"] = losses.itm_loss(logits[:batch_size], logits[batch_size:])
-
+    own["itm_pos"] = (text_embeds, text_atts)
+    own["itm_neg_text"] = (text_embeds[neg_text_idx], text_atts[neg_text_idx])
+    other["itm_neg_image"] = (vision_embeds[neg_image_idx], vision_atts[neg_image_idx],
+                              text_embeds, text_atts)
   if with_mlm:
-    mlm_logits = m.mlm_logits(batch["text_ids_masked"], text_atts, vision_embeds, vision_atts,
-                              batch["masked_pos"], deterministic)
+    own["mlm"] = (m.encode_text(batch["text_ids_masked"], text_atts, deterministic), text_atts)
+  if box_vision_embeds is not None:
+    other["box"] = (box_vision_embeds, jnp.ones(box_vision_embeds.shape[:2], jnp.int32),
+                    text_embeds, text_atts)
+
+  cross = {}
+  if own:  # rows b*G + g: the g-th of the G texts fused with vision row b
+    texts = jnp.stack([t for t, _ in own.values()], axis=1)
+    atts = jnp.stack([a for _, a in own.values()], axis=1)
+    fused = m.fuse(vision_embeds, vision_atts, texts.reshape((-1,) + texts.shape[2:]),
+                   atts.reshape((-1,) + atts.shape[2:]), deterministic)
+    fused = fused.reshape(texts.shape[:2] + fused.shape[1:])
+    cross.update({name: fused[:, g] for g, name in enumerate(own)})
+  if other:
+    parts = list(zip(*other.values()))
+    fused = m.fuse(*(jnp.concatenate(p) for p in parts), deterministic)
+    cross.update({name: fused[g * batch_size:(g + 1) * batch_size]
+                  for g, name in enumerate(other)})
+
+  if with_itm:
+    negatives = jnp.concatenate([cross["itm_neg_image"], cross["itm_neg_text"]])
+    out["itm"] = losses.itm_loss(m.itm_logits(cross["itm_pos"]), m.itm_logits(negatives))
+  if with_mlm:
+    mlm_logits = m.masked_token_logits(cross["mlm"], batch["masked_pos"])
     out["mlm"] = losses.mlm_loss(mlm_logits, batch["masked_ids"])
-  return out, text_embeds
+  if box_vision_embeds is not None:
+    out["bbox_l1"], out["bbox_giou"] = losses.box_losses(
+        m.predict_box(cross["box"]), batch["target_bbox"], batch.get("is_image"))
+  return out
 
 
 def image_text_objective(m, batch, rng, deterministic: bool = True,
@@ -71,9 +100,8 @@ def image_text_objective(m, batch, rng, deterministic: bool = True,
   """Image-text batch -> {'itc', 'itm', 'mlm'}."""
   image_embeds = m.encode_image(batch["image"], deterministic)
   image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
-  out, _ = aligning_losses(m, image_embeds, image_atts, batch, rng, deterministic=deterministic,
-                           itc_feature_grad_scale=itc_feature_grad_scale, with_itm=with_itm)
-  return out
+  return aligning_losses(m, image_embeds, image_atts, batch, rng, deterministic=deterministic,
+                         itc_feature_grad_scale=itc_feature_grad_scale, with_itm=with_itm)
 
 
 def region_objective(m, batch, rng, deterministic: bool = True,
@@ -87,14 +115,10 @@ def region_objective(m, batch, rng, deterministic: bool = True,
   region_embeds, full_embeds = m.encode_regions(batch["image"], batch["image_atts"],
                                                 batch["idx_to_group_img"], deterministic)
   idx = batch["pair_id"] if dedupe_padded_pairs else None
-  out, text_embeds = aligning_losses(m, region_embeds, batch["image_atts"], batch, rng,
-                                     deterministic=deterministic, idx=idx,
-                                     itc_feature_grad_scale=itc_feature_grad_scale,
-                                     with_itm=with_itm)
-  box = m.predict_box_in_image(full_embeds, text_embeds, batch["text_atts"], deterministic)
-  out["bbox_l1"], out["bbox_giou"] = losses.box_losses(box, batch["target_bbox"],
-                                                       batch["is_image"])
-  return out
+  return aligning_losses(m, region_embeds, batch["image_atts"], batch, rng,
+                         deterministic=deterministic, idx=idx,
+                         itc_feature_grad_scale=itc_feature_grad_scale, with_itm=with_itm,
+                         box_vision_embeds=full_embeds)
 
 
 def retrieval_objective(m, batch, rng, deterministic: bool = True,
@@ -106,10 +130,9 @@ def retrieval_objective(m, batch, rng, deterministic: bool = True,
   """
   image_embeds = m.encode_image(batch["image"], deterministic)
   image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
-  out, _ = aligning_losses(m, image_embeds, image_atts, batch, rng, deterministic=deterministic,
-                           idx=batch["image_idx"], itc_feature_grad_scale=itc_feature_grad_scale,
-                           with_itm=with_itm, with_mlm=False)
-  return out
+  return aligning_losses(m, image_embeds, image_atts, batch, rng, deterministic=deterministic,
+                         idx=batch["image_idx"], itc_feature_grad_scale=itc_feature_grad_scale,
+                         with_itm=with_itm, with_mlm=False)
 
 
 def grounding_objective(m, batch, rng, deterministic: bool = True):
@@ -228,9 +251,8 @@ def video_text_objective(m, batch, rng, deterministic: bool = True,
   image-text text fields -> {'itc', 'itm', 'mlm'}, exactly as for images with `m.encode_video`."""
   video_embeds = m.encode_video(batch["frames"], deterministic)
   video_atts = jnp.ones(video_embeds.shape[:2], jnp.int32)
-  out, _ = aligning_losses(m, video_embeds, video_atts, batch, rng, deterministic=deterministic,
-                           itc_feature_grad_scale=itc_feature_grad_scale, with_itm=with_itm)
-  return out
+  return aligning_losses(m, video_embeds, video_atts, batch, rng, deterministic=deterministic,
+                         itc_feature_grad_scale=itc_feature_grad_scale, with_itm=with_itm)
 
 
 def video_retrieval_objective(m, batch, rng, deterministic: bool = True,
@@ -240,10 +262,9 @@ def video_retrieval_objective(m, batch, rng, deterministic: bool = True,
   positives of each other, never ITM negatives. No MLM."""
   video_embeds = m.encode_video(batch["frames"], deterministic)
   video_atts = jnp.ones(video_embeds.shape[:2], jnp.int32)
-  out, _ = aligning_losses(m, video_embeds, video_atts, batch, rng, deterministic=deterministic,
-                           idx=batch["video_idx"], itc_feature_grad_scale=itc_feature_grad_scale,
-                           with_itm=with_itm, with_mlm=False)
-  return out
+  return aligning_losses(m, video_embeds, video_atts, batch, rng, deterministic=deterministic,
+                         idx=batch["video_idx"], itc_feature_grad_scale=itc_feature_grad_scale,
+                         with_itm=with_itm, with_mlm=False)
 
 
 def video_qa_logits(m, batch, deterministic: bool = True) -> jax.Array:

@@ -117,15 +117,18 @@ def make_train_step(model: x2vlm.X2VLM, tx: optax.GradientTransformation, train_
   def train_step(state: State, batches, rng):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batches, rng)
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
-    # The reference clamps the temperature in place before every step.
-    new_params = dict(new_params, temp=jnp.clip(new_params["temp"], 0.001, 0.5))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = dict(step=state["step"] + 1,
-                     params=keep(new_params, state["params"]),
-                     opt_state=keep(new_opt_state, state["opt_state"]),
+
+    def update(params, opt_state):
+      updates, new_opt_state = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # The reference clamps the temperature in place before every step.
+      return dict(new_params, temp=jnp.clip(new_params["temp"], 0.001, 0.5)), new_opt_state
+
+    # A conditional, not a select: the skipped branch costs nothing when the step is finite.
+    new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o),
+                                             state["params"], state["opt_state"])
+    new_state = dict(step=state["step"] + 1, params=new_params, opt_state=new_opt_state,
                      skipped=state["skipped"] + (1 - finite.astype(jnp.int32)))
     metrics = dict(metrics, grad_norm=grad_norm, temp=new_params["temp"],
                    nonfinite=1 - finite.astype(jnp.int32))

@@ -7,6 +7,9 @@ Three ways to run it, as in the reference's `BertEncoder(mode=...)`:
   `fuse`         text hidden states + vision -> fusion layers     ("fusion")
   `encode_multimodal` ids + vision -> all layers                  ("multi_modal"; MLM, VQA, NLVR2)
 Shapes: ids/atts `[B, L]`, hidden `[B, L, H]`, vision `[B, S, Dv]` with mask `[B, S]`.
+Several texts may share one vision row: with hidden `[B*G, L, H]` and vision `[B, S, Dv]`, text row
+`b*G + g` cross-attends to vision row `b`, whose keys/values are then projected once (ITM
+positives, ITM negative texts and MLM texts of one image share them in pre-training).
 `atts` may also be a per-query mask `[B, L, L]` (query i may attend to key j) for sequences with
 their own visibility pattern (the captioner's inserted [MASK]s); `causal=True` additionally keeps
 each token from attending to later ones (the VQA answer decoder). `position_ids [B, L]` override
@@ -60,16 +63,25 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array, context: jax.Array, context_mask: jax.Array,
                deterministic: bool) -> jax.Array:
-    """hidden [B, L, H] attends to context [B, S, Dc] (mask [B, 1, 1, S]) -> [B, L, H]."""
+    """hidden [B*G, L, H] attends to context [B, S, Dc] (mask [B, 1, 1, S]) -> [B*G, L, H].
+
+    G = 1 except in cross-attention, where G texts may share one vision row: hidden row b*G + g
+    attends to context row b. The keys/values of each context row are then projected once, and
+    the G texts' queries are one [G*L]-long query sequence (queries never attend to each other).
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    width = hidden.shape[-1]
+    rows, length, width = hidden.shape
     head_dim = width // self.num_heads
+    groups = rows // context.shape[0]
+    if groups * context.shape[0] != rows:
+      raise ValueError(f"{rows} query rows cannot share {context.shape[0]} key/value rows: "
+                       "the text rows must be a whole multiple G of the vision rows")
 
     def project(x, name, logical):
       y = layers.dense(width, (logical, "heads"), name=name, **kw)(x)
-      return y.reshape(x.shape[0], x.shape[1], self.num_heads, head_dim)
+      return y.reshape(x.shape[0], -1, self.num_heads, head_dim)
 
-    query = project(hidden, "query", "embed")
+    query = project(hidden.reshape(rows // groups, groups * length, width), "query", "embed")
     key = project(context, "key", self.kv_logical)
     value = project(context, "value", self.kv_logical)
     dropout_rng = None
@@ -78,7 +90,7 @@ class SelfAttention(nn.Module):
     out = layers.attention(query, key, value, mask=context_mask,
                            dropout_rate=self.attention_dropout, dropout_rng=dropout_rng,
                            deterministic=deterministic)
-    return out.reshape(hidden.shape[0], hidden.shape[1], width)
+    return out.reshape(rows, length, width)
 
 
 class ResidualOutput(nn.Module):
@@ -281,7 +293,8 @@ class BertModel(nn.Module):
 
   def fuse(self, text_embeds: jax.Array, text_atts: jax.Array, vision: jax.Array,
            vision_atts: jax.Array, deterministic: bool = True) -> jax.Array:
-    """Fusion layers on encoded text: [B, L, H] + vision [B, S, Dv] (mask [B, S]) -> [B, L, H]."""
+    """Fusion layers on encoded text: [B*G, L, H] + vision [B, S, Dv] (mask [B, S]) ->
+    [B*G, L, H]; text row b*G + g attends to vision row b (G = 1: one text per vision row)."""
     return self._run(text_embeds, text_atts, self.fusion_start, self.num_layers, vision,
                      vision_atts, deterministic)
 

@@ -183,7 +183,9 @@ class X2VLM(nn.Module):
   # ------------------------------------------------------------------ fusion + heads
   def fuse(self, vision_embeds: jax.Array, vision_atts: jax.Array, text_embeds: jax.Array,
            text_atts: jax.Array, deterministic: bool = True) -> jax.Array:
-    """Fusion layers: text [B, L, H] attends to vision [B, 1+N, D] (mask [B, 1+N]) -> [B, L, H]."""
+    """Fusion layers: text [B*G, L, H] attends to vision [B, 1+N, D] (mask [B, 1+N]) ->
+    [B*G, L, H]. Text row b*G + g is fused with vision row b: G texts sharing an image share the
+    keys/values computed from it (G = 1: one text per image)."""
     return self.text.fuse(text_embeds, text_atts, vision_embeds, vision_atts, deterministic)
 
   def itm_logits(self, cross_embeds: jax.Array) -> jax.Array:
@@ -227,6 +229,10 @@ class X2VLM(nn.Module):
     """All layers on masked ids with vision, logits at `masked_pos` [B, M] -> [B, M, V]."""
     hidden = self.text.encode_multimodal(text_ids_masked, text_atts, vision_embeds, vision_atts,
                                          deterministic)
+    return self.masked_token_logits(hidden, masked_pos)
+
+  def masked_token_logits(self, hidden: jax.Array, masked_pos: jax.Array) -> jax.Array:
+    """MLM head at `masked_pos` [B, M] of fused hidden states [B, L, H] -> [B, M, V] float32."""
     at_masks = jnp.take_along_axis(hidden, masked_pos[:, :, None], axis=1)
     return self.text.mlm_logits(at_masks)
 
