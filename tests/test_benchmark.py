@@ -92,14 +92,15 @@ def test_objective_forward_flops_are_near_xla_and_training_is_three_forwards():
   assert 0.5 < xla / analytic < 2.0, (xla, analytic)
 
 
-def test_benchmark_cli_prints_one_json_line():
+def test_benchmark_cli_prints_one_json_line(tmp_path):
   # Regions only (like configs/bench_small.py) keeps the compile short; the persistent cache the
   # other tests use makes a re-run cheaper still.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
   proc = subprocess.run(
       [sys.executable, "tools/benchmark.py", "--config",
-       "configs/tiny.py:train.image_text_weight=0.0", "--steps", "2", "--warmup", "1"],
+       "configs/tiny.py:train.image_text_weight=0.0", "--steps", "2", "--warmup", "1",
+       "--profile", str(tmp_path / "trace")],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -115,6 +116,14 @@ def test_benchmark_cli_prints_one_json_line():
   assert result["mfu"] is None  # no peak is known for a CPU
   assert result["peak_memory_bytes"] > 0
   assert np.isfinite(result["loss"])
+  # --profile: the trace exists and every part of the step shows up in the op time.
+  profile = result["profile"]
+  assert os.path.exists(profile["trace"])
+  for part in ("vision/fwd", "vision/bwd", "text_layers/fwd", "fusion_layers/fwd",
+               "fusion_layers/bwd", "optimizer/fwd", "heads_losses_other/fwd"):
+    assert profile["by_part"].get(part, 0) > 0, (part, profile["by_part"])
+  assert abs(sum(profile["by_part"].values()) - profile["op_thread_ms_per_step"]) < 1.0
+  assert abs(sum(profile["by_kind"].values()) - profile["op_thread_ms_per_step"]) < 1.0
   config = tiny.get_config("train.image_text_weight=0.0")
   assert result["flops_per_step"] == flops.train_step_flops(
       config.model, flops.batch_kind_sizes(config, ("regions",)))

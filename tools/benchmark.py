@@ -2,7 +2,7 @@
 
   # the jitted train step on synthetic in-memory batches (the pipeline's keys, shapes and dtypes)
   python tools/benchmark.py --config configs/bench_small.py --steps 10 [--warmup 2] [--batch B]
-      [--remat] [--dtype bfloat16] [--peak-tflops X] [--cost-analysis]
+      [--remat] [--dtype bfloat16] [--peak-tflops X] [--cost-analysis] [--profile DIR]
   # the input pipeline alone: decoded + augmented + tokenised examples/s with one decoding thread
   python tools/benchmark.py --data --config configs/bench_small.py --data-dir /tmp/demo_data
   python tools/benchmark.py --data --config configs/demo.py:data_dir=/tmp/demo_data
@@ -27,7 +27,10 @@ steadier than wall time on a shared CPU), mfu (null unless the device kind is in
 --peak-tflops is given; the peak is per device and multiplied by the mesh size),
 peak_memory_bytes (device allocator peak, or the process's max RSS on CPU), device_kind,
 jax_version, date. `--cost-analysis` adds XLA's own estimate of the compiled step (xla_flops,
-xla_bytes_accessed, xla_over_analytic).
+xla_bytes_accessed, xla_over_analytic). `--profile DIR` traces `--profile-steps` more steps
+with jax.profiler into DIR and adds `profile`: op thread-milliseconds per step by op kind and by
+model part (vision / text_layers / fusion_layers / optimizer / heads_losses_other, forward or
+backward), read from the trace and the compiled HLO's op_name metadata.
 
 `--batch B` sets every batch kind to B texts and B images (image_text.batch_size,
 regions.batch_size, regions.max_images, grounding.batch_size).
@@ -311,6 +314,10 @@ def bench_train(args) -> dict:
       num_devices=len(devices), mesh=dict(trainer.mesh.shape), jax_version=jax.__version__,
       xla_flags=os.environ.get("XLA_FLAGS", ""), date=_now())
 
+  if args.profile:
+    result["profile"] = profile_steps(trainer, state, batches, rngs[-1], args.profile,
+                                      steps=args.profile_steps)
+
   if args.cost_analysis:
     # The same jit as `Trainer.train_step` (step function, shardings, donation), lowered AOT.
     step = train.make_train_step(trainer.model, trainer.tx, config.train, trainer.schedule)
@@ -325,6 +332,76 @@ def bench_train(args) -> dict:
     result["xla_bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
     result["xla_over_analytic"] = result["xla_flops"] / step_flops
   return result
+
+
+# ---------------------------------------------------------------------------- profile
+# Model parts, by the first matching name in an op's HLO `op_name` metadata (the model method,
+# JAX transform and Flax module path, e.g. "transpose(jvp(X2VLM.encode_regions))/vision/...";
+# the optimizer update runs in the non-finite guard's `cond`).
+_PARTS = (("vision", ("X2VLM.encode_image", "X2VLM.encode_regions", "X2VLM.encode_video")),
+          ("text_layers", ("X2VLM.encode_text",)), ("fusion_layers", ("X2VLM.fuse",)),
+          ("optimizer", ("/cond",)))
+
+
+def _op_part(op_name: str) -> str:
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  for part, keys in _PARTS:
+    if any(k in op_name for k in keys):
+      return f"{part}/{direction}"
+  return f"heads_losses_other/{direction}"
+
+
+def summarize_profile(xplane_path: str, hlo_text: str, steps: int) -> dict:
+  """Thread-milliseconds per step of the XLA ops in a `jax.profiler` trace, by op kind (the op
+  name without its number: dot, ynn_fusion = YNNPACK matmul fusions on CPU, copy/transpose
+  fusions, ...) and by model part (from the op's `op_name` metadata in the compiled HLO)."""
+  import collections
+  import re
+
+  import jax
+
+  metadata = dict(re.findall(r"\n\s*%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text))
+  by_kind, by_part = collections.Counter(), collections.Counter()
+  profile = jax.profiler.ProfileData.from_file(xplane_path)
+  for plane in profile.planes:
+    for line in plane.lines:
+      for event in line.events:
+        name = event.name
+        if name not in metadata:
+          continue  # runtime bookkeeping, Python frames: not an op of the step
+        by_kind[re.sub(r"[.\d]+$", "", name)] += event.duration_ns
+        by_part[_op_part(metadata[name])] += event.duration_ns
+  total = sum(by_kind.values())
+  per_step = lambda counter: {k: round(v / 1e6 / steps, 1) for k, v in counter.most_common()}
+  return dict(op_thread_ms_per_step=round(total / 1e6 / steps, 1), by_kind=per_step(by_kind),
+              by_part=per_step(by_part))
+
+
+def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dict:
+  """Traces `steps` train steps with `jax.profiler` into `out_dir` (TensorBoard / Perfetto
+  readable) and summarises where the op time went (`summarize_profile`)."""
+  import glob
+
+  import flax.linen as nn
+  import jax
+  from x2vlm_jax import sharding, train
+
+  step = train.make_train_step(trainer.model, trainer.tx, trainer.config.train, trainer.schedule)
+  repl = sharding.replicated(trainer.mesh)
+  jitted = jax.jit(step, in_shardings=(trainer.state_shardings,
+                                       sharding.batch_sharding(trainer.mesh), repl),
+                   out_shardings=(trainer.state_shardings, repl), donate_argnums=(0,))
+  with trainer.mesh, nn.logical_axis_rules(trainer.rules):
+    hlo_text = jitted.lower(state, batches, rng).compile().as_text()
+  with jax.profiler.trace(out_dir):
+    for i in range(steps):
+      state, metrics = trainer.train_step(state, batches, jax.random.fold_in(rng, i))
+      jax.block_until_ready((state, metrics))
+  paths = sorted(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise SystemExit(f"--profile: no *.xplane.pb trace was written under {out_dir}")
+  return dict(summarize_profile(paths[-1], hlo_text, steps), trace=paths[-1])
 
 
 # ---------------------------------------------------------------------------- data mode
@@ -406,6 +483,10 @@ def main(argv=None) -> dict:
                       help="config.model.dtype (compute dtype; params stay float32)")
   parser.add_argument("--cost-analysis", action="store_true",
                       help="add XLA's cost analysis of the compiled step (compiles it again)")
+  parser.add_argument("--profile", default="",
+                      help="trace --profile-steps more steps into this dir with jax.profiler and "
+                      "add op time by kind and model part to the JSON line")
+  parser.add_argument("--profile-steps", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data", action="store_true", help="benchmark the input pipeline instead")
   parser.add_argument("--data-dir", default="",
