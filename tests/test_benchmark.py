@@ -122,8 +122,10 @@ def test_benchmark_cli_prints_one_json_line(tmp_path):
   for part in ("vision/fwd", "vision/bwd", "text_layers/fwd", "fusion_layers/fwd",
                "fusion_layers/bwd", "optimizer/fwd", "heads_losses_other/fwd"):
     assert profile["by_part"].get(part, 0) > 0, (part, profile["by_part"])
-  assert abs(sum(profile["by_part"].values()) - profile["op_thread_ms_per_step"]) < 1.0
-  assert abs(sum(profile["by_kind"].values()) - profile["op_thread_ms_per_step"]) < 1.0
+  assert abs(sum(profile["by_part"].values()) - profile["op_thread_ms_per_step"]) < 1.5
+  kind_ms = [ms for _, ms in profile["by_kind"]]
+  assert kind_ms == sorted(kind_ms, reverse=True)
+  assert abs(sum(kind_ms) - profile["op_thread_ms_per_step"]) < 0.1 * len(kind_ms)
   config = tiny.get_config("train.image_text_weight=0.0")
   assert result["flops_per_step"] == flops.train_step_flops(
       config.model, flops.batch_kind_sizes(config, ("regions",)))
@@ -198,3 +200,11 @@ def test_synthetic_batch_is_shaped_like_a_pipeline_batch(demo_config, kind):
     assert np.all(synthetic["idx_to_group_img"] < synthetic["image"].shape[0])
     box = synthetic["target_bbox"]
     assert np.all((box > 0) & (box <= 1)) and np.all(box[:, :2] + box[:, 2:] / 2 <= 1 + 1e-6)
+
+
+def test_reference_step_benchmark_names_a_missing_reference_checkout(tmp_path):
+  """The reference's code is not shipped: without a checkout the tool says what it needs."""
+  proc = subprocess.run([sys.executable, "tools/reference_step_benchmark.py", "--reference-dir",
+                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2
+  assert f"--reference-dir {tmp_path}: no models/model_pretrain.py there" in proc.stderr

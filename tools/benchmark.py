@@ -372,9 +372,11 @@ def summarize_profile(xplane_path: str, hlo_text: str, steps: int) -> dict:
         by_kind[re.sub(r"[.\d]+$", "", name)] += event.duration_ns
         by_part[_op_part(metadata[name])] += event.duration_ns
   total = sum(by_kind.values())
-  per_step = lambda counter: {k: round(v / 1e6 / steps, 1) for k, v in counter.most_common()}
-  return dict(op_thread_ms_per_step=round(total / 1e6 / steps, 1), by_kind=per_step(by_kind),
-              by_part=per_step(by_part))
+  ms = lambda ns: round(ns / 1e6 / steps, 1)
+  # by_kind: [kind, ms] pairs, largest first (the JSON line sorts dict keys).
+  return dict(op_thread_ms_per_step=ms(total),
+              by_kind=[[k, ms(v)] for k, v in by_kind.most_common()],
+              by_part={k: ms(v) for k, v in by_part.items()})
 
 
 def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dict:

@@ -181,11 +181,10 @@ def vqa_generative_objective(m, batch, rng, deterministic: bool = True):
   del rng
   states = question_states(m, batch, deterministic)
   batch_size, num_answers, answer_len = batch["answer_ids"].shape
+  # Rows b*K + k: the K answers of question b share its keys/values in cross-attention.
   ids = batch["answer_ids"].reshape(batch_size * num_answers, answer_len)
   atts = batch["answer_atts"].reshape(batch_size * num_answers, answer_len)
-  states_rep = jnp.repeat(states, num_answers, axis=0)
-  question_atts = jnp.repeat(batch["text_atts"], num_answers, axis=0)
-  logits = m.answer_logits(ids, atts, states_rep, question_atts, deterministic)
+  logits = m.answer_logits(ids, atts, states, batch["text_atts"], deterministic)
   nll = losses.sequence_nll(logits, ids, atts).reshape(batch_size, num_answers)
   return {"vqa_answer": losses.weighted_answer_loss(nll, batch["answer_weights"])}
 
@@ -213,10 +212,9 @@ def rank_answers(m, batch, answer_ids: jax.Array, answer_atts: jax.Array, k: int
   first_log_probs = jax.nn.log_softmax(first_logits, axis=-1)  # [B, V]
   candidate_log_probs = jnp.take(first_log_probs, answer_ids[:, 1], axis=1)  # [B, A]
   top_log_probs, top_idx = jax.lax.top_k(candidate_log_probs, k)  # [B, k]
-  ids = jnp.take(answer_ids, top_idx.reshape(-1), axis=0)  # [B * k, La]
+  ids = jnp.take(answer_ids, top_idx.reshape(-1), axis=0)  # [B * k, La], rows b*k + j
   atts = jnp.take(answer_atts, top_idx.reshape(-1), axis=0)
-  logits = m.answer_logits(ids, atts, jnp.repeat(states, k, axis=0),
-                           jnp.repeat(question_atts, k, axis=0), True)
+  logits = m.answer_logits(ids, atts, states, question_atts, True)  # k answers per question
   nll = losses.sequence_nll(logits, ids, atts).reshape(batch_size, k)
   probs = jax.nn.softmax(top_log_probs - nll, axis=-1)
   order = jnp.argsort(-probs, axis=-1, stable=True)

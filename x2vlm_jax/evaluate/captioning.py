@@ -56,8 +56,9 @@ LogProbFn = Callable[[jax.Array, jax.Array], jax.Array]  # (ids [N, T], slot [])
 
 def caption_log_probs(m, image_embeds: jax.Array, ids: jax.Array, slot: jax.Array,
                       vocab_size: int | None = None) -> jax.Array:
-  """Bound-model step: every text layer over `ids [N, T]` (causal, positions 0..T-1) with the
-  image `image_embeds [N, 1+P, D]`; log-probabilities [N, V] (float32) of the MLM head at `slot`
+  """Bound-model step: every text layer over `ids [N*G, T]` (causal, positions 0..T-1) with the
+  images `image_embeds [N, 1+P, D]` (row n*G + g reads image n; G beams per image);
+  log-probabilities [N*G, V] (float32) of the MLM head at `slot`
   (where the [MASK] is), over the first `vocab_size` ids (the tokenizer's; default all)."""
   n, length = ids.shape
   causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), jnp.int32)), (n, length, length))
@@ -268,11 +269,12 @@ def make_caption_fn(model, prompt: Sequence[int], *, num_beams: int, max_length:
   def fn(params, images):
     TRACE_COUNTS[f"captions_beam{num_beams}"] += 1
     variables = {"params": params}
+    # The beams' rows are b * num_beams + j: each image's beams share its cross-attention keys
+    # and values (`X2VLM.fuse` with G = num_beams texts per image).
     image_embeds = model.apply(variables, images, method=x2vlm.X2VLM.encode_image)
-    embeds = jnp.repeat(image_embeds, num_beams, axis=0)
 
     def log_prob_fn(ids, slot):
-      return model.apply(variables, embeds, ids, slot, vocab_size, method=caption_log_probs)
+      return model.apply(variables, image_embeds, ids, slot, vocab_size, method=caption_log_probs)
 
     if num_beams == 1:
       return greedy_search(log_prob_fn, prompt, images.shape[0], **rules)

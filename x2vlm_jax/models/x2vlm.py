@@ -216,9 +216,10 @@ class X2VLM(nn.Module):
   def answer_logits(self, answer_ids: jax.Array, answer_atts: jax.Array,
                     question_states: jax.Array, question_atts: jax.Array,
                     deterministic: bool = True) -> jax.Array:
-    """Answer decoder, teacher-forced: answer ids/atts [B, La] (`[CLS] answer [SEP]`, causal),
-    attending to the fused question [B, Lq, H] (mask [B, Lq]) -> next-token logits [B, La, V]
-    (position t predicts token t + 1), float32."""
+    """Answer decoder, teacher-forced: answer ids/atts [B*G, La] (`[CLS] answer [SEP]`, causal),
+    attending to the fused question [B, Lq, H] (mask [B, Lq]; answer row b*G + g reads question
+    b, G >= 1 answers per question) -> next-token logits [B*G, La, V] (position t predicts token
+    t + 1), float32."""
     hidden = self.answer_decoder.encode_multimodal(answer_ids, answer_atts, question_states,
                                                    question_atts, deterministic)
     return self.answer_decoder.mlm_logits(hidden)
