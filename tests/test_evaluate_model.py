@@ -123,6 +123,20 @@ def test_metrics_equal_metrics_of_brute_force_scores(retrieval_run, brute, retri
   assert any("ITC" in line and "ITM" in line for line in lines)
 
 
+def test_whole_image_rows_share_keys_and_values_and_score_the_same(tiny_model, retrieval_data,
+                                                                   brute):
+  """batch_size a multiple of k: image->text pairs go to the fusion layers one image per k texts
+  (a second, grouped shape of the pair scorer) with the same scores as pair by pair."""
+  model, params = tiny_model
+  before = retrieval.TRACE_COUNTS["pair_itm"]
+  _, s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, retrieval_data, k_test=K,
+                                                 batch_size=2 * K, log_fn=lambda line: None)
+  assert retrieval.TRACE_COUNTS["pair_itm"] - before == 2  # grouped i2t + pairwise t2i
+  _, want_i2t, want_t2i = brute
+  np.testing.assert_allclose(s_i2t, want_i2t, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(s_t2i, want_t2i, atol=2e-5, rtol=1e-5)
+
+
 def test_jitted_functions_compile_once(retrieval_run):
   traces = retrieval_run[3]
   # 2 image batches, 3 text batches, 5 + 9 pair batches, each with a padded last batch.

@@ -21,7 +21,9 @@ Execution: images and texts are encoded in fixed-size batches (the last one padd
 its last row, the padding dropped), so each jitted function compiles once; the embeddings stay
 on device. Pairs are scored by one jitted function that gathers the cached image embeddings,
 text embeddings and text masks by index inside jit (`rerank.rerank_scores` always passes exactly
-`batch_size` pairs). With `mesh`, every batch (of images, texts or pairs) is split over the
+`batch_size` pairs; image->text batches that hold whole rows of k candidates pass one index
+per image, so the fusion layers project each image's keys/values once for its k texts; a second
+compiled shape). With `mesh`, every batch (of images, texts or pairs) is split over the
 ('data', 'fsdp') mesh axes, and `batch_size` must be divisible by their size. Every process
 evaluates all rows (no multi-host row split; see `rerank` for the recipe).
 
@@ -134,7 +136,8 @@ def make_retrieval_fns(model, mesh: Mesh | None = None) -> dict[str, Callable[..
     encode_texts(params, ids [B, L], atts [B, L]) -> (embeds [B, L, H], feat [B, E])
     similarities(image_feat [N_img, E], text_feat [N_txt, E]) -> [N_img, N_txt] float32
     pair_itm(params, image_embeds [N_img, 1+N, D], text_embeds [N_txt, L, H], text_atts
-             [N_txt, L], img_idx [P], txt_idx [P]) -> [P, 2] float32 raw ITM logits (1 = match)
+             [N_txt, L], img_idx [P] (or [P/G]: G consecutive pairs per image),
+             txt_idx [P]) -> [P, 2] float32 raw ITM logits (1 = match)
   """
   out_repl = {} if mesh is None else dict(out_shardings=sharding_lib.replicated(mesh))
 
@@ -162,6 +165,9 @@ def make_retrieval_fns(model, mesh: Mesh | None = None) -> dict[str, Callable[..
                       precision=jax.lax.Precision.HIGHEST)
 
   def pair_itm(params, image_embeds, text_embeds, text_atts, img_idx, txt_idx):
+    """ITM logits [P, 2] of pairs (img_idx[p], txt_idx[p]), or with img_idx [P/G] of the pairs
+    (img_idx[p // G], txt_idx[p]): then each image's G texts share its cross-attention
+    keys/values (`X2VLM.fuse`)."""
     TRACE_COUNTS["pair_itm"] += 1
     vision = jnp.take(image_embeds, img_idx, axis=0)
     text = jnp.take(text_embeds, txt_idx, axis=0)
@@ -246,7 +252,18 @@ def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_
   `evaluate_retrieval` does."""
   sims = np.asarray(jax.device_get(emb["sims"]), np.float32)
 
+  # Image -> text re-ranking issues each image's k candidates as consecutive pairs. When a batch
+  # holds whole rows (batch_size a multiple of k, and the rows split evenly over the mesh), each
+  # image goes to the fusion layers once with its k texts (keys/values projected once, not k
+  # times).
+  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
+  k_i2t = min(k_test, sims.shape[1])
+  group = k_i2t if k_i2t > 1 and batch_size % (k_i2t * shards) == 0 else 1
+
   def pair_score_fn(img_idx, txt_idx):
+    rows = img_idx.reshape(-1, group)
+    if group > 1 and (rows == rows[:, :1]).all():
+      img_idx = rows[:, 0]
     logits = fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
                              _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
     return logits[:, 1]  # the reference re-ranks by the raw class-1 logit
