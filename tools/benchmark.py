@@ -257,9 +257,8 @@ def _cost(compiled) -> dict:
 
 # ---------------------------------------------------------------------------- train mode
 def bench_train(args) -> dict:
-  import flax.linen as nn
   import jax
-  from x2vlm_jax import flops, sharding, train
+  from x2vlm_jax import flops, train
 
   config = load_config(args.config, args)
   trainer = train.Trainer.create(config, make_mesh(config))
@@ -319,15 +318,7 @@ def bench_train(args) -> dict:
                                       steps=args.profile_steps)
 
   if args.cost_analysis:
-    # The same jit as `Trainer.train_step` (step function, shardings, donation), lowered AOT.
-    step = train.make_train_step(trainer.model, trainer.tx, config.train, trainer.schedule)
-    repl = sharding.replicated(trainer.mesh)
-    jitted = jax.jit(step, in_shardings=(trainer.state_shardings,
-                                         sharding.batch_sharding(trainer.mesh), repl),
-                     out_shardings=(trainer.state_shardings, repl), donate_argnums=(0,))
-    with trainer.mesh, nn.logical_axis_rules(trainer.rules):
-      compiled = jitted.lower(trainer.abstract_state, batches, rngs[0]).compile()
-    cost = _cost(compiled)
+    cost = _cost(compile_train_step(trainer, trainer.abstract_state, batches, rngs[0]))
     result["xla_flops"] = float(cost.get("flops", float("nan")))
     result["xla_bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
     result["xla_over_analytic"] = result["xla_flops"] / step_flops
@@ -379,11 +370,9 @@ def summarize_profile(xplane_path: str, hlo_text: str, steps: int) -> dict:
               by_part={k: ms(v) for k, v in by_part.items()})
 
 
-def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dict:
-  """Traces `steps` train steps with `jax.profiler` into `out_dir` (TensorBoard / Perfetto
-  readable) and summarises where the op time went (`summarize_profile`)."""
-  import glob
-
+def compile_train_step(trainer, state, batches, rng):
+  """The same jit as `Trainer.train_step` (step function, shardings, donation), lowered and
+  compiled ahead of time for XLA's cost analysis and the compiled HLO text."""
   import flax.linen as nn
   import jax
   from x2vlm_jax import sharding, train
@@ -394,7 +383,17 @@ def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dic
                                        sharding.batch_sharding(trainer.mesh), repl),
                    out_shardings=(trainer.state_shardings, repl), donate_argnums=(0,))
   with trainer.mesh, nn.logical_axis_rules(trainer.rules):
-    hlo_text = jitted.lower(state, batches, rng).compile().as_text()
+    return jitted.lower(state, batches, rng).compile()
+
+
+def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dict:
+  """Traces `steps` train steps with `jax.profiler` into `out_dir` (TensorBoard / Perfetto
+  readable) and summarises where the op time went (`summarize_profile`)."""
+  import glob
+
+  import jax
+
+  hlo_text = compile_train_step(trainer, state, batches, rng).as_text()
   with jax.profiler.trace(out_dir):
     for i in range(steps):
       state, metrics = trainer.train_step(state, batches, jax.random.fold_in(rng, i))
