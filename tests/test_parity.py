@@ -49,3 +49,12 @@ def test_finetuned_key_layout_without_wrapper(tmp_path):
   rows = {r["name"]: r for r in parity.check_fixture(str(out))}
   assert not rows["brand_new_output"]["ok"] and "no computation" in rows["brand_new_output"]["error"]
   assert not rows["mlm_loss"]["ok"]  # this model has no MLM head: reported, not skipped
+
+
+def test_scanned_layer_stacks_match_the_reference_too():
+  """The converted checkpoint, stacked for `model.scan_layers`, gives the same outputs."""
+  rows = parity.check_fixture(FIXTURE, scan_layers=True)
+  bad = [(r["name"], r["max_abs_err"], r["error"]) for r in rows if not r["ok"]]
+  assert not bad, bad
+  assert len(rows) == len(np.load(os.path.join(FIXTURE, "outputs.npz")).files)
+  assert max(r["max_abs_err"] for r in rows) < 2e-5

@@ -1,6 +1,6 @@
 """Parity of x2vlm_jax with the PyTorch reference on a golden fixture folder.
 
-  python tools/check_parity.py tests/fixtures/pretrain_tiny
+  python tools/check_parity.py tests/fixtures/pretrain_tiny [--scan-layers]
 
 Prints one line per output (max abs error, tolerance) and exits 1 if any output exceeds
 1e-4 * max(1, max|reference|) or cannot be computed.
@@ -18,8 +18,10 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("fixture_dir")
   parser.add_argument("--rtol_scale", type=float, default=1e-4)
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="check the model with model.scan_layers=True (stacked layer params)")
   args = parser.parse_args()
-  rows = check_fixture(args.fixture_dir, rtol_scale=args.rtol_scale)
+  rows = check_fixture(args.fixture_dir, rtol_scale=args.rtol_scale, scan_layers=args.scan_layers)
   width = max(len(r["name"]) for r in rows)
   for r in rows:
     status = "ok  " if r["ok"] else "FAIL"

@@ -416,11 +416,15 @@ def params_for_model(state: Mapping[str, np.ndarray], model, *, allow_missing: t
 
   Parameters matched by `allow_missing` and absent from the state dict come from a fresh
   `model.init` with `seed`. Everything else must match exactly (see `convert_state_dict`).
+  Conversion happens in the unrolled layout (`text/layer_3/...`, the names in errors and in
+  `allow_missing`); a `scan_layers` model gets the result stacked (`models.layer_stack`).
   """
   import jax
   import flax.linen as nn
+  from x2vlm_jax.models import layer_stack
   from x2vlm_jax.models.x2vlm import abstract_variables, init_inputs
 
+  scanned_model, model = model, model.clone(scan_layers=False)
   abstract = flatten(nn.meta.unbox(abstract_variables(model)["params"]))
   shapes = {p: tuple(v.shape) for p, v in abstract.items()}
   params, missing = convert_state_dict(state, shapes, allow_missing=allow_missing, source=source)
@@ -429,7 +433,8 @@ def params_for_model(state: Mapping[str, np.ndarray], model, *, allow_missing: t
         model.init(jax.random.PRNGKey(seed), *init_inputs(model))["params"]))
     for p in missing:
       params[p] = np.asarray(fresh[p])
-  return unflatten({p: np.asarray(v, dtype=abstract[p].dtype) for p, v in params.items()}), missing
+  params = {p: np.asarray(v, dtype=abstract[p].dtype) for p, v in params.items()}
+  return unflatten(layer_stack.to_model_layout(params, scanned_model)), missing
 
 
 def answer_decoder_from_fusion(flat: Mapping[str, np.ndarray], *, text_layers: int,

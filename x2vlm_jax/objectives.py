@@ -91,7 +91,7 @@ def aligning_losses(m, vision_embeds, vision_atts, batch, rng, *, deterministic:
     out["mlm"] = losses.mlm_loss(mlm_logits, batch["masked_ids"])
   if box_vision_embeds is not None:
     out["bbox_l1"], out["bbox_giou"] = losses.box_losses(
-        m.predict_box(cross["box"]), batch["target_bbox"], batch.get("is_image"))
+        m.predict_box(cross["box"]), batch["target_bbox"], batch["is_image"])
   return out
 
 

@@ -146,15 +146,16 @@ OUTPUTS: dict[str, Callable[[_Session], object]] = {
 }
 
 
-def check_fixture(fixture_dir: str, *, rtol_scale: float = 1e-4) -> list[dict]:
-  """Recompute every output of a fixture folder.
+def check_fixture(fixture_dir: str, *, rtol_scale: float = 1e-4, **model_overrides) -> list[dict]:
+  """Recompute every output of a fixture folder (with `model_overrides`, e.g. scan_layers=True,
+  applied to the model the manifest describes).
 
   Returns one row per output: name, shape, max_abs_err, tolerance (rtol_scale * max(1, max|ref|)),
   ok, and error (why it could not be computed, if so).
   """
   with open(os.path.join(fixture_dir, "manifest.json")) as f:
     manifest = json.load(f)
-  model = model_from_manifest(manifest)
+  model = model_from_manifest(manifest).clone(**model_overrides)
   params, _ = convert.convert_checkpoint(os.path.join(fixture_dir, "checkpoint.th"), model)
   inputs = dict(np.load(os.path.join(fixture_dir, "inputs.npz")))
   expected = dict(np.load(os.path.join(fixture_dir, "outputs.npz")))

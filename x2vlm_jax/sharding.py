@@ -73,6 +73,7 @@ def default_sharding_rules() -> list[tuple[str, MeshAxes]]:
       ("classes", None),
       ("patch", None),
       ("frames", None),
+      ("layers", None),  # the leading layer axis of scanned stacks (`model.scan_layers`)
   ]
 
 

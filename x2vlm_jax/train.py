@@ -363,17 +363,20 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
   stored for another image_res are interpolated to this model's, as the reference does when
   fine-tuning at 384 from a 224 checkpoint; a frame embedding stored for another number of
   frames keeps its first frames. Anything else that differs fails with the full list.
+  The checkpoint may have either layer layout (`model.scan_layers`): all of the above happens in
+  the unrolled one (the names in messages and patterns), and the result has the model's.
   """
   import fnmatch
   from x2vlm_jax import checkpoint, convert
+  from x2vlm_jax.models import layer_stack
 
   def matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
   stored, step = checkpoint.load_any_params(directory)
-  stored = convert.flatten(stored)
-  target = convert.flatten(trainer.abstract_state["params"])
-  m = trainer.model
+  stored = layer_stack.unstack(convert.flatten(stored))
+  m = trainer.model.clone(scan_layers=False)
+  target = convert.flatten(nn.meta.unbox(x2vlm.abstract_variables(m)["params"]))
   if (m.vqa_decoder_layers > 0 and not any(p.startswith("answer_decoder/") for p in stored)):
     decoder = convert.answer_decoder_from_fusion(
         stored, text_layers=m.text_layers, fusion_layers=m.fusion_layers,
@@ -414,11 +417,12 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
   if dropped:
     logging.info("Dropped %d stored params the model does not use: %s", len(dropped), dropped)
   if missing:
-    fresh = convert.flatten(jax.device_get(nn.meta.unbox(trainer.model.init(
-        jax.random.PRNGKey(seed), *x2vlm.init_inputs(trainer.model))["params"])))
+    fresh = convert.flatten(jax.device_get(nn.meta.unbox(m.init(
+        jax.random.PRNGKey(seed), *x2vlm.init_inputs(m))["params"])))
     stored.update({p: fresh[p] for p in missing})
     logging.info("Fresh init for %d params absent from %s: %s", len(missing), directory, missing)
-  params = convert.unflatten({p: np.asarray(v, target[p].dtype) for p, v in stored.items()})
+  params = convert.unflatten(layer_stack.to_model_layout(
+      {p: np.asarray(v, target[p].dtype) for p, v in stored.items()}, trainer.model))
   return (params, step) if with_step else params
 
 

@@ -159,6 +159,14 @@ class BertLayer(nn.Module):
     return layers.constrain(hidden, ("act_batch", "act_len", "act_embed"))
 
 
+class ScanBertLayer(BertLayer):
+  """One step of a scanned layer stack: the same arguments, returns (hidden, None)."""
+
+  def __call__(self, hidden: jax.Array, mask: jax.Array, vision: jax.Array | None,
+               vision_mask: jax.Array | None, deterministic: bool) -> tuple[jax.Array, None]:
+    return super().__call__(hidden, mask, vision, vision_mask, deterministic), None
+
+
 POSITION_RULES = ("absolute", "roberta")
 
 
@@ -250,6 +258,9 @@ class BertModel(nn.Module):
   tie_mlm_decoder: bool = True  # False: the MLM decoder is its own [H, V] matrix (`mlm_decoder`)
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
+  # Run the text layers and the fusion layers as two `nn.scan`s: params `text_layers/...` and
+  # `fusion_layers/...` stacked [layers, ...] instead of `layer_0/...` ... `layer_{n-1}/...`.
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -260,15 +271,22 @@ class BertModel(nn.Module):
                                  self.position_rule, self.pad_id, **kw)
     fusion_eps = (self.layer_norm_eps if self.fusion_layer_norm_eps is None
                   else self.fusion_layer_norm_eps)
-    layer_cls = (nn.remat(BertLayer, static_argnums=(5,),
+    base_cls = ScanBertLayer if self.scan else BertLayer
+    layer_cls = (nn.remat(base_cls, static_argnums=(5,), prevent_cse=not self.scan,
                           policy=layers.remat_policy(self.remat_policy))
-                 if self.remat else BertLayer)
-    self.layer = [
-        layer_cls(self.num_heads, self.mlp_dim, i >= self.fusion_start,
-                  fusion_eps if i >= self.fusion_start else self.layer_norm_eps,
-                  self.hidden_dropout, self.attention_dropout, **kw)
-        for i in range(self.num_layers)
-    ]
+                 if self.remat else base_cls)
+    make = lambda cross, cls=layer_cls: cls(
+        self.num_heads, self.mlp_dim, cross, fusion_eps if cross else self.layer_norm_eps,
+        self.hidden_dropout, self.attention_dropout, **kw)
+    if self.scan:
+      in_axes = (nn.broadcast,) * 4  # mask, vision, vision_mask, deterministic
+      if self.fusion_start > 0:
+        self.text_layers = make(False, layers.scan_stack(layer_cls, self.fusion_start, in_axes))
+      if self.num_layers > self.fusion_start:
+        self.fusion_layers = make(
+            True, layers.scan_stack(layer_cls, self.num_layers - self.fusion_start, in_axes))
+    else:
+      self.layer = [make(i >= self.fusion_start) for i in range(self.num_layers)]
     if self.mlm_head:
       self.mlm_transform = MlmTransform(self.layer_norm_eps, **kw)
       if not self.tie_mlm_decoder:
@@ -281,8 +299,15 @@ class BertModel(nn.Module):
   def _run(self, hidden, atts, start, stop, vision, vision_atts, deterministic):
     mask = self_attention_mask(atts, self.causal)
     vision_mask = None if vision_atts is None else _key_mask(vision_atts)
-    for i in range(start, stop):
-      hidden = self.layer[i](hidden, mask, vision, vision_mask, deterministic)
+    if not self.scan:
+      for i in range(start, stop):
+        hidden = self.layer[i](hidden, mask, vision, vision_mask, deterministic)
+      return hidden
+    # Scanned: [start, stop) is the text stack, the fusion stack, or both.
+    if start < self.fusion_start:
+      hidden, _ = self.text_layers(hidden, mask, None, None, deterministic)
+    if stop > self.fusion_start:
+      hidden, _ = self.fusion_layers(hidden, mask, vision, vision_mask, deterministic)
     return hidden
 
   def encode_text(self, ids: jax.Array, atts: jax.Array, deterministic: bool = True,

@@ -92,12 +92,16 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: jax.A
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: zero a residual branch per sample with probability `rate` (training only)."""
-  rate: float
+  """Stochastic depth: zero a residual branch per sample with probability `rate` (training only).
+
+  `rate` may be a traced scalar (a layer's rate inside `nn.scan`); a rate of 0 then keeps every
+  sample (Bernoulli(1)) instead of skipping the branch at trace time.
+  """
+  rate: float | jax.Array
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
+    if deterministic or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
       return x
     keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate,
                                 (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -138,3 +142,16 @@ def remat_policy(name: str):
   if name not in REMAT_POLICIES:
     raise ValueError(f"model.remat_policy {name!r}: expected one of {sorted(REMAT_POLICIES)}")
   return REMAT_POLICIES[name]
+
+
+def scan_stack(layer_cls, length: int, in_axes):
+  """`length` layers of `layer_cls` run as one `nn.scan` over a leading layer axis.
+
+  `layer_cls.__call__(carry, *args)` must return `(carry, None)`; `in_axes` says, per extra
+  argument, `nn.broadcast` (the same for every layer) or 0 (one slice per layer). Each layer has its
+  own parameters, stacked as `[length, ...]` under the logical axis "layers", and its own
+  initialisation and dropout randomness.
+  """
+  return nn.scan(layer_cls, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})

@@ -102,14 +102,16 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               drop_path_rate: jax.Array | None = None) -> jax.Array:
+    """x: [B, 1+N, D] -> [B, 1+N, D]; `drop_path_rate` (a scalar) overrides the attribute."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x.shape[-1]
     scale_init = nn.with_logical_partitioning(nn.initializers.constant(self.layer_scale_init),
                                               ("norm",))
     gamma_1 = self.param("gamma_1", scale_init, (width,), self.param_dtype)
     gamma_2 = self.param("gamma_2", scale_init, (width,), self.param_dtype)
-    drop_path = layers.DropPath(self.drop_path_rate)
+    drop_path = layers.DropPath(self.drop_path_rate if drop_path_rate is None else drop_path_rate)
 
     h = layers.layer_norm(self.layer_norm_eps, name="norm1", **kw)(x)
     h = Attention(self.num_heads, self.grid, name="attn", **kw)(h)
@@ -120,12 +122,22 @@ class Block(nn.Module):
     return layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
 
+class ScanBlock(Block):
+  """One step of the scanned block stack: (x [B, 1+N, D], this block's drop-path rate) -> (x, None)."""
+
+  def __call__(self, x: jax.Array, drop_path_rate: jax.Array,
+               deterministic: bool = True) -> tuple[jax.Array, None]:
+    return super().__call__(x, deterministic, drop_path_rate), None
+
+
 class VisionTransformer(nn.Module):
   """BEiT-2 ViT: patch embedding, cls token, blocks, fc_norm + mean pooling.
 
   Attributes:
     image_res: the resolution the model is built for (the relative position tables depend on it).
     remat: rematerialise each block in the backward pass (`nn.remat`), saving activation memory.
+    scan: run the blocks as one `nn.scan` (params `blocks/...` stacked `[depth, ...]`) instead of
+      `depth` unrolled blocks (`blocks_0/...`, `blocks_1/...`): one block to compile, not depth.
   """
   image_res: int = 224
   patch_size: int = 16
@@ -140,6 +152,7 @@ class VisionTransformer(nn.Module):
   pos_emb_init_std: float = 0.02  # its (truncated normal) init std
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -177,13 +190,23 @@ class VisionTransformer(nn.Module):
       x = x + pos_embed.astype(x.dtype)
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
-    block_cls = (nn.remat(Block, static_argnums=(2,), policy=layers.remat_policy(self.remat_policy))
-                 if self.remat else Block)
+    # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).
     rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, self.grid, self.layer_norm_eps,
-                    self.layer_scale_init, float(rates[i]), name=f"blocks_{i}", **kw)(
-                        x, deterministic)
+    block_args = (self.num_heads, self.mlp_dim, self.grid, self.layer_norm_eps,
+                  self.layer_scale_init)
+    if self.scan:
+      block_cls = (nn.remat(ScanBlock, static_argnums=(3,), prevent_cse=False,
+                            policy=layers.remat_policy(self.remat_policy))
+                   if self.remat else ScanBlock)
+      stack = layers.scan_stack(block_cls, self.depth, in_axes=(0, nn.broadcast))
+      x, _ = stack(*block_args, name="blocks", **kw)(
+          x, jnp.asarray(rates, jnp.float32), deterministic)
+    else:
+      block_cls = (nn.remat(Block, static_argnums=(2,),
+                            policy=layers.remat_policy(self.remat_policy))
+                   if self.remat else Block)
+      for i in range(self.depth):
+        x = block_cls(*block_args, float(rates[i]), name=f"blocks_{i}", **kw)(x, deterministic)
 
     patches = layers.layer_norm(self.layer_norm_eps, name="fc_norm", **kw)(x[:, 1:])
     pooled = jnp.mean(patches.astype(jnp.float32), axis=1, keepdims=True).astype(patches.dtype)

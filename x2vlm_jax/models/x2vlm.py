@@ -78,6 +78,10 @@ class X2VLM(nn.Module):
   # Execution.
   remat: bool = False  # rematerialise each ViT block and BERT layer in the backward pass
   remat_policy: str = "nothing_saveable"  # what they keep: layers.REMAT_POLICIES
+  # Run each stack of identical layers (ViT blocks, text layers, fusion layers, answer decoder) as
+  # one `nn.scan`, parameters stacked on a leading "layers" axis: one layer to compile per stack.
+  # Checkpoints of either layout load into either (`models.layer_stack`).
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -89,7 +93,7 @@ class X2VLM(nn.Module):
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
         drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
         pos_emb_init_std=self.vision_pos_emb_init_std,
-        remat=self.remat, remat_policy=self.remat_policy, **kw)
+        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan_layers, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
         num_layers=self.text_layers + self.fusion_layers, fusion_start=self.text_layers,
@@ -99,7 +103,7 @@ class X2VLM(nn.Module):
         mlm_head=self.mlm_head, position_rule=self.text_position_ids, pad_id=self.text_pad_id,
         fusion_layer_norm_eps=self.fusion_layer_norm_eps,
         tie_mlm_decoder=self.mlm_decoder_tied, remat=self.remat, remat_policy=self.remat_policy,
-        **kw)
+        scan=self.scan_layers, **kw)
     self.vision_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
     self.text_proj = layers.dense(self.embed_dim, ("embed", "proj"), name=None, **kw)
     self.temp = self.param("temp", nn.with_logical_partitioning(
@@ -121,7 +125,7 @@ class X2VLM(nn.Module):
           position_rule=self.text_position_ids, pad_id=self.text_pad_id,
           fusion_layer_norm_eps=self.fusion_layer_norm_eps,
           tie_mlm_decoder=self.mlm_decoder_tied,
-          remat=self.remat, remat_policy=self.remat_policy, **kw)
+          remat=self.remat, remat_policy=self.remat_policy, scan=self.scan_layers, **kw)
     if self.num_frames > 0:
       self.frame_pos_embed = self.param(
           "frame_pos_embed",
