@@ -2,7 +2,7 @@
 
   # the jitted train step on synthetic in-memory batches (the pipeline's keys, shapes and dtypes)
   python tools/benchmark.py --config configs/bench_small.py --steps 10 [--warmup 2] [--batch B]
-      [--remat] [--dtype bfloat16] [--peak-tflops X] [--cost-analysis] [--profile DIR]
+      [--remat] [--scan-layers] [--dtype bfloat16] [--peak-tflops X] [--cost-analysis] [--profile DIR]
   # the input pipeline alone: decoded + augmented + tokenised examples/s with one decoding thread
   python tools/benchmark.py --data --config configs/bench_small.py --data-dir /tmp/demo_data
   python tools/benchmark.py --data --config configs/demo.py:data_dir=/tmp/demo_data
@@ -197,6 +197,8 @@ def load_config(spec: str, args):
     config.data.grounding.batch_size = args.batch
   if args.remat:
     config.model.remat = True
+  if args.scan_layers:
+    config.model.scan_layers = True
   if args.dtype:
     config.model.dtype = args.dtype
   config.lock()
@@ -299,6 +301,7 @@ def bench_train(args) -> dict:
   result = dict(
       mode="train", config=args.config, kinds=list(kinds), batch=batch, batch_sizes=per_kind,
       steps=args.steps, warmup=args.warmup, dtype=config.model.dtype, remat=bool(config.model.remat),
+      scan_layers=bool(config.model.scan_layers),
       examples_per_s=batch / median, step_time_median_s=median,
       step_time_p90_s=_percentile(times, 90), step_time_min_s=min(times),
       # CPU seconds of this process per timed step (all threads): on a shared CPU a steadier
@@ -480,6 +483,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="per-device peak TFLOP/s for the MFU (default: PEAK_TFLOPS table)")
   parser.add_argument("--remat", action="store_true", help="config.model.remat = True")
+  parser.add_argument("--scan-layers", action="store_true", help="config.model.scan_layers = True")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="",
                       help="config.model.dtype (compute dtype; params stay float32)")
   parser.add_argument("--cost-analysis", action="store_true",
