@@ -275,16 +275,19 @@ class BertModel(nn.Module):
     layer_cls = (nn.remat(base_cls, static_argnums=(5,), prevent_cse=not self.scan,
                           policy=layers.remat_policy(self.remat_policy))
                  if self.remat else base_cls)
-    make = lambda cross, cls=layer_cls: cls(
-        self.num_heads, self.mlp_dim, cross, fusion_eps if cross else self.layer_norm_eps,
-        self.hidden_dropout, self.attention_dropout, **kw)
+
+    def make(cross: bool, cls=layer_cls):  # one layer, or a scanned stack of them (`cls`)
+      eps = fusion_eps if cross else self.layer_norm_eps
+      return cls(self.num_heads, self.mlp_dim, cross, eps, self.hidden_dropout,
+                 self.attention_dropout, **kw)
+
     if self.scan:
-      in_axes = (nn.broadcast,) * 4  # mask, vision, vision_mask, deterministic
+      # mask, vision, vision_mask and deterministic are the same for every layer of a stack.
+      stack = lambda length: layers.scan_stack(layer_cls, length, in_axes=(nn.broadcast,) * 4)
       if self.fusion_start > 0:
-        self.text_layers = make(False, layers.scan_stack(layer_cls, self.fusion_start, in_axes))
+        self.text_layers = make(False, stack(self.fusion_start))
       if self.num_layers > self.fusion_start:
-        self.fusion_layers = make(
-            True, layers.scan_stack(layer_cls, self.num_layers - self.fusion_start, in_axes))
+        self.fusion_layers = make(True, stack(self.num_layers - self.fusion_start))
     else:
       self.layer = [make(i >= self.fusion_start) for i in range(self.num_layers)]
     if self.mlm_head:

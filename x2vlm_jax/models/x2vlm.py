@@ -8,6 +8,8 @@ Parameter tree (top level): `vision`, `text`, `vision_proj`, `text_proj`, `temp`
 `bbox_head`, and when configured `frame_pos_embed` (`num_frames > 0`), `vqa_head`, `nlvr_cls`,
 `answer_decoder` (`vqa_decoder_layers > 0`: the generative VQA decoder, a causal BERT stack with
 cross-attention to the fused question and its own embeddings and tied LM head).
+With `scan_layers` the layer subtrees are stacked (`vision/blocks`, `text/text_layers`,
+`text/fusion_layers`, `answer_decoder/fusion_layers`; see `models/layer_stack.py`).
 """
 from __future__ import annotations
 
