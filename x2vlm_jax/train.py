@@ -375,8 +375,9 @@ def load_init_params(trainer: Trainer, directory: str, allow_missing: tuple[str,
 
   stored, step = checkpoint.load_any_params(directory)
   stored = layer_stack.unstack(convert.flatten(stored))
-  m = trainer.model.clone(scan_layers=False)
-  target = convert.flatten(nn.meta.unbox(x2vlm.abstract_variables(m)["params"]))
+  m = trainer.model.clone(scan_layers=False)  # the names below are the unrolled layout's
+  target = convert.flatten(nn.meta.unbox(x2vlm.abstract_variables(m)["params"])
+                           if trainer.model.scan_layers else trainer.abstract_state["params"])
   if (m.vqa_decoder_layers > 0 and not any(p.startswith("answer_decoder/") for p in stored)):
     decoder = convert.answer_decoder_from_fusion(
         stored, text_layers=m.text_layers, fusion_layers=m.fusion_layers,
