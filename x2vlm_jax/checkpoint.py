@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from x2vlm_jax.models import layer_stack
+
 STATE_ITEM = "state"
 _DATA_PREFIX = "data_"
 _MAX_LISTED = 20
@@ -77,17 +79,13 @@ def check_tree_matches(stored: Any, target: Any, where: str) -> None:
       parts.append(_listing("unexpected in checkpoint", unexpected))
     if mismatched:
       parts.append(_listing("shape mismatch", mismatched))
-    if _scanned_layout(have) != _scanned_layout(want):
-      parts.append(f"  The checkpoint has the {'scanned' if _scanned_layout(have) else 'unrolled'} "
+    stored_scanned = layer_stack.is_stacked(have)
+    if stored_scanned != layer_stack.is_stacked(want):
+      parts.append(f"  The checkpoint has the {'scanned' if stored_scanned else 'unrolled'} "
                    "layer layout and the model the other (model.scan_layers): resume with the "
                    "setting it was written with, or start from it as config.init.checkpoint, "
                    "which converts between the two.")
     raise ValueError("\n".join(parts))
-
-
-def _scanned_layout(names) -> bool:
-  """Whether leaf names are those of scanned layer stacks (`model.scan_layers`)."""
-  return any(re.search(r"(^|/)(vision/blocks|text_layers|fusion_layers)/", n) for n in names)
 
 
 def _data_item(name: str) -> str:

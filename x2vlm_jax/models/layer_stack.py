@@ -28,9 +28,13 @@ _UNROLLED = re.compile(r"(vision)/blocks_(\d+)/(.+)|(text|answer_decoder)/layer_
 _STACKED = re.compile(r"(vision)/blocks/(.+)|(text|answer_decoder)/(text_layers|fusion_layers)/(.+)")
 
 
-def is_stacked(flat: Mapping[str, object]) -> bool:
-  """Whether a flat params dict has the scanned layout (any stacked layer subtree)."""
-  return any(_STACKED.fullmatch(name) for name in flat)
+_STACKED_ANYWHERE = re.compile(r"(^|/)(vision/blocks|(text|answer_decoder)/(text_layers|fusion_layers))/")
+
+
+def is_stacked(names) -> bool:
+  """Whether '/'-joined parameter names (a flat params dict's keys, or longer paths such as a
+  training checkpoint's `params/vision/blocks/...`) have the scanned layout."""
+  return any(_STACKED_ANYWHERE.search(name) for name in names)
 
 
 def _split(model, tower: str, layer: int) -> tuple[str, int]:
