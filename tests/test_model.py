@@ -74,6 +74,20 @@ def test_video_is_the_mean_over_frames_plus_frame_embedding(tiny):
   assert video.shape == (2, 1 + 4, 32)
 
 
+def test_gelu_is_torch_exact_gelu_and_its_derivative():
+  """layers.gelu (written with erf, the cheap one on CPU) is torch's exact GELU in value and slope."""
+  torch = pytest.importorskip("torch")
+  x = np.linspace(-12.0, 12.0, 20001, dtype=np.float32)
+  xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+  yt = torch.nn.functional.gelu(xt)
+  (dyt,) = torch.autograd.grad(yt.sum(), xt)
+  y = np.asarray(jax.jit(layers.gelu)(x), np.float64)
+  dy = np.asarray(jax.jit(jax.grad(lambda v: jnp.sum(layers.gelu(v))))(x), np.float64)
+  np.testing.assert_allclose(y, yt.detach().numpy(), rtol=0, atol=2e-6)
+  np.testing.assert_allclose(dy, dyt.numpy(), rtol=0, atol=2e-6)
+  assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_unknown_model_field_fails_before_anything_runs():
   cfg = x2vlm_base.get_config().model
   with pytest.raises(AttributeError):

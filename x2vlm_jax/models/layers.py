@@ -23,8 +23,13 @@ default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU() and HF BERT's "gelu"."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU, x * (1 + erf(x / sqrt(2))) / 2: the formula of torch.nn.GELU() / HF BERT "gelu".
+
+  Written with `erf` rather than `jax.nn.gelu(approximate=False)`, which evaluates `erfc`: on the
+  CPU, XLA's erfc costs about 5x its erf (in the demo step the fusion layers' GELU took twice as
+  long as the matmul before it). Both are within 1e-6 of a float64 GELU.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def dense(features: int, names: Sequence[str | None], *, use_bias: bool = True, dtype: Dtype,
