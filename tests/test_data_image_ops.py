@@ -153,6 +153,19 @@ def test_resize_flip_normalize():
   assert right.max() == 0
 
 
+def test_normalize_table_equals_the_float_arithmetic():
+  arr = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+  arr[0, 0] = (0, 128, 255)
+  want = (arr.astype(np.float32) * np.float32(1.0 / 255.0) - image_ops.CLIP_MEAN) / image_ops.CLIP_STD
+  for image in (arr, Image.fromarray(arr)):
+    got = image_ops.normalize(image)
+    assert got.dtype == np.float32 and got.shape == (7, 5, 3)
+    np.testing.assert_array_equal(got, want)  # bit for bit
+  np.testing.assert_array_equal(image_ops.normalize(arr.astype(np.float32)), want)
+  with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+    image_ops.normalize(arr[..., 0])
+
+
 def test_rand_augment_ops():
   gray = Image.new("RGB", (16, 16), (100, 100, 100))
   rng = np.random.default_rng(0)

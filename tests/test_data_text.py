@@ -64,6 +64,24 @@ def test_real_bert_vocab_known_ids():
   assert enc.token_ids("A dog, on the left.") == [101, 1037, 3899, 2006, 1996, 2187, 102]
 
 
+def test_token_ids_cache_returns_what_the_tokenizer_gives_and_stays_bounded(tiny_tok):
+  enc = text_lib.TextEncoder(tiny_tok, max_tokens=6, max_words=40,
+                             masking=text_lib.MaskingConfig(), cache_size=2)
+  fresh = text_lib.TextEncoder(tiny_tok, max_tokens=6, max_words=40,
+                               masking=text_lib.MaskingConfig(), cache_size=0)
+  captions = ["a dog on the left", "A man with a cat", "a dog on the left", "the woman", "a cat"]
+  for caption in captions * 2:
+    want = text_lib.add_specials(tiny_tok.encode(text_lib.pre_caption(caption, 40)), tiny_tok, 6)
+    got = enc.token_ids(caption)
+    assert got == want == fresh.token_ids(caption)
+    got.append(-1)  # callers get their own list: the cached ids are not changed through it
+    assert enc.token_ids(caption) == want
+    assert len(enc._ids_cache) <= 2 and not fresh._ids_cache
+  for _ in range(2):  # an empty caption fails every time (errors are not cached)
+    with pytest.raises(text_lib.EmptyCaptionError):
+      enc.token_ids("?!")
+
+
 def test_add_specials_truncates_keeping_sep(tiny_tok):
   ids = list(range(10, 20))
   assert text_lib.add_specials(ids, tiny_tok, 5) == [2, 10, 11, 12, 3]

@@ -161,10 +161,27 @@ def hflip(img: Image.Image) -> Image.Image:
   return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
+# (v / 255 - CLIP mean) / CLIP std in float32, per channel [3] for every uint8 value v [256].
+_NORMALIZED = np.ascontiguousarray(
+    ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0)) - CLIP_MEAN) / CLIP_STD).T
+
+
 def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
-  """HWC uint8 -> float32 (x / 255 - CLIP mean) / CLIP std."""
-  arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-  return (arr - CLIP_MEAN) / CLIP_STD
+  """HWC uint8 -> float32 (x / 255 - CLIP mean) / CLIP std.
+
+  uint8 input is looked up per channel in a table of those float32 values: bit for bit the
+  arithmetic's result, about 7x faster (numpy broadcasts over a length-3 last axis slowly).
+  """
+  arr = np.asarray(img)
+  if arr.ndim != 3 or arr.shape[-1] != 3:
+    raise ValueError(f"normalize expects an RGB image [H, W, 3], got shape {list(arr.shape)}")
+  if arr.dtype != np.uint8:
+    arr = np.asarray(arr, dtype=np.float32) * (1.0 / 255.0)
+    return (arr - CLIP_MEAN) / CLIP_STD
+  out = np.empty(arr.shape, np.float32)
+  for c in range(3):
+    out[..., c] = _NORMALIZED[c][arr[..., c]]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

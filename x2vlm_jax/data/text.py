@@ -316,7 +316,13 @@ def mask_tokens(
 
 
 class TextEncoder:
-  """Caption -> the fixed-shape MLM fields of one example (see the module docstring)."""
+  """Caption -> the fixed-shape MLM fields of one example (see the module docstring).
+
+  `token_ids` remembers the ids of up to `cache_size` captions: the processors tokenise every
+  caption of a record to validate it and then the one they pick again, and small datasets repeat
+  captions every epoch (the demo's data path spent a fifth of its time in the tokenizer). 0 turns
+  the cache off.
+  """
 
   def __init__(
       self,
@@ -324,11 +330,14 @@ class TextEncoder:
       max_tokens: int,
       max_words: int,
       masking: MaskingConfig,
+      cache_size: int = 65536,
   ):
     self.tokenizer = tokenizer
     self.max_tokens = max_tokens
     self.max_words = max_words
     self.masking = masking
+    self.cache_size = cache_size
+    self._ids_cache: dict[str, tuple[int, ...]] = {}
 
   @classmethod
   def from_config(cls, cfg, tokenizer: Tokenizer | None = None) -> "TextEncoder":
@@ -344,11 +353,18 @@ class TextEncoder:
 
   def token_ids(self, caption: str) -> list[int]:
     """[CLS] + WordPiece(pre_caption(caption)) + [SEP]; raises EmptyCaptionError if no token."""
-    text = pre_caption(caption, self.max_words)
-    ids = self.tokenizer.encode(text)
-    if not ids:
-      raise EmptyCaptionError(f"caption has no tokens after tokenisation (raw: {caption!r})")
-    return add_specials(ids, self.tokenizer, self.max_tokens)
+    ids = self._ids_cache.get(caption)
+    if ids is None:
+      text = pre_caption(caption, self.max_words)
+      pieces = self.tokenizer.encode(text)
+      if not pieces:
+        raise EmptyCaptionError(f"caption has no tokens after tokenisation (raw: {caption!r})")
+      ids = tuple(add_specials(pieces, self.tokenizer, self.max_tokens))
+      if self.cache_size > 0:
+        if len(self._ids_cache) >= self.cache_size:
+          self._ids_cache.clear()  # bounded; dict get/set are atomic, so threads may share it
+        self._ids_cache[caption] = ids
+    return list(ids)
 
   def __call__(self, caption: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ids = self.token_ids(caption)
