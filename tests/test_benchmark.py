@@ -100,7 +100,7 @@ def test_benchmark_cli_prints_one_json_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "tools/benchmark.py", "--config",
        "configs/tiny.py:train.image_text_weight=0.0", "--steps", "2", "--warmup", "1",
-       "--profile", str(tmp_path / "trace")],
+       "--profile", str(tmp_path / "trace"), "--set", "data.max_tokens=10"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -126,7 +126,7 @@ def test_benchmark_cli_prints_one_json_line(tmp_path):
   kind_ms = [ms for _, ms in profile["by_kind"]]
   assert kind_ms == sorted(kind_ms, reverse=True)
   assert abs(sum(kind_ms) - profile["op_thread_ms_per_step"]) < 0.1 * len(kind_ms)
-  config = tiny.get_config("train.image_text_weight=0.0")
+  config = tiny.get_config("train.image_text_weight=0.0,data.max_tokens=10")  # as --set made it
   assert result["flops_per_step"] == flops.train_step_flops(
       config.model, flops.batch_kind_sizes(config, ("regions",)))
 

@@ -3,6 +3,7 @@
   # the jitted train step on synthetic in-memory batches (the pipeline's keys, shapes and dtypes)
   python tools/benchmark.py --config configs/bench_small.py --steps 10 [--warmup 2] [--batch B]
       [--remat] [--scan-layers] [--dtype bfloat16] [--peak-tflops X] [--cost-analysis] [--profile DIR]
+      [--set model.patch_size=12 ...]   (any config field, typed and checked like --config.a.b=v)
   # the input pipeline alone: decoded + augmented + tokenised examples/s with one decoding thread
   python tools/benchmark.py --data --config configs/bench_small.py --data-dir /tmp/demo_data
   python tools/benchmark.py --data --config configs/demo.py:data_dir=/tmp/demo_data
@@ -201,6 +202,9 @@ def load_config(spec: str, args):
     config.model.scan_layers = True
   if args.dtype:
     config.model.dtype = args.dtype
+  if args.set:  # typed by the field's default, unknown fields refused (as --config.a.b=v)
+    from configs import common
+    return common.apply_arg(config, ",".join(args.set))
   config.lock()
   return config
 
@@ -482,6 +486,8 @@ def main(argv=None) -> dict:
                       help="untimed steps after the compiling call (--data: batches)")
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="per-device peak TFLOP/s for the MFU (default: PEAK_TFLOPS table)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field, e.g. --set model.patch_size=12 (repeatable)")
   parser.add_argument("--remat", action="store_true", help="config.model.remat = True")
   parser.add_argument("--scan-layers", action="store_true", help="config.model.scan_layers = True")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="",
