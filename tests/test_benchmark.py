@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import xla_env
+
 from configs import tiny
 from x2vlm_jax import flops, objectives
 from x2vlm_jax.configs_loader import load_config
@@ -95,8 +97,7 @@ def test_objective_forward_flops_are_near_xla_and_training_is_three_forwards():
 def test_benchmark_cli_prints_one_json_line(tmp_path):
   # Regions only (like configs/bench_small.py) keeps the compile short; the persistent cache the
   # other tests use makes a re-run cheaper still.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+  env = xla_env.subprocess_env(1)
   proc = subprocess.run(
       [sys.executable, "tools/benchmark.py", "--config",
        "configs/tiny.py:train.image_text_weight=0.0", "--steps", "2", "--warmup", "1",

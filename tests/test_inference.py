@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import xla_env
+
 from configs import demo as demo_config
 from x2vlm_jax import checkpoint, inference
 from x2vlm_jax.data import demo, eval_data, image_ops
@@ -151,8 +153,7 @@ def test_image_inputs_path_pil_array_grayscale_exif_and_bad_files(env, tmp_path)
 
 
 def _tool(name, *args):
-  proc_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+  proc_env = xla_env.subprocess_env(1)
   proc = subprocess.run([sys.executable, os.path.join("tools", name), *args], cwd=ROOT,
                         env=proc_env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

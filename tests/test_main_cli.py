@@ -6,11 +6,13 @@ import sys
 
 import numpy as np
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, timeout=timeout,
                         capture_output=True, text=True)
 

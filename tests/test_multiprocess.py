@@ -9,6 +9,8 @@ import sys
 import jax
 import numpy as np
 
+import xla_env
+
 from x2vlm_jax import checkpoint, convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +25,7 @@ def _free_port() -> int:
 
 def _launch(out_dir, num_processes):
   devices_per_process = 4 // num_processes
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  env = xla_env.subprocess_env(devices_per_process, cache=False)
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, WORKER, out_dir, str(num_processes), str(i),
                              str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+import xla_env
+
 from configs import demo
 from x2vlm_jax import checkpoint, cli, train
 
@@ -34,10 +36,8 @@ def _main(demo_dir, workdir):
 
 
 def _env():
-  # One device, and a compilation cache shared by the four runs (they compile the same step).
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  # One device, and the compilation cache shared by the four runs (they compile the same step).
+  return xla_env.subprocess_env(1)
 
 
 def _losses(workdir):
