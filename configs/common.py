@@ -40,7 +40,9 @@ def train_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=1000,
       keep_checkpoints=3,
       async_checkpoints=True,
-      eval_every_steps=0,  # 0: evaluate only at the end
+      # > 0: also evaluate (config.eval) every this many steps, metrics only (no prediction files);
+      # the evaluation after the last step always runs and writes its files.
+      eval_every_steps=0,
       # Which batch kinds make one step, and their loss weights (reference pre-training: images 1,
       # regions 1). Fine-tuning configs set these to 0 and retrieval_weight or grounding_weight to 1.
       image_text_weight=1.0,

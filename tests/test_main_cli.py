@@ -20,15 +20,20 @@ def _run(*args, timeout=600):
 def test_demo_pretrains_and_evaluates_from_the_command_line(tmp_path):
   data, workdir = str(tmp_path / "data"), str(tmp_path / "run")
   config = f"configs/demo.py:quick,data_dir={data}"
-  proc = _run("--config", config, "--workdir", workdir)
+  proc = _run("--config", config, "--workdir", workdir, "--config.train.eval_every_steps=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(os.path.join(data, "README.txt"))  # the data was made because missing
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == [2, 4, 6]
+  evals = [r for r in records if "eval/grounding/val_grounding/miou" in r]
+  assert [r["step"] for r in evals] == [3, 6]  # every 3 steps, the last one after training
   final = records[-1]
+  assert final is evals[-1]
   for key in ("eval/retrieval/txt_r1", "eval/retrieval/img_r1", "eval/grounding/val_grounding/acc"):
-    assert 0.0 <= final[key] <= 100.0
+    assert 0.0 <= evals[0][key] <= 100.0 and 0.0 <= final[key] <= 100.0
+  # The step-3 evaluation saw the step-3 parameters, not the final ones.
+  assert evals[0]["eval/grounding/val_grounding/miou"] != final["eval/grounding/val_grounding/miou"]
   assert "step 6/6" in proc.stderr and "ex/s" in proc.stderr and "ETA" in proc.stderr
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 

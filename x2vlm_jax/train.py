@@ -513,7 +513,8 @@ class NonFiniteMonitor:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Pre-train with `config` in `workdir` (resuming if it holds checkpoints); evaluate at the end.
+  """Pre-train with `config` in `workdir` (resuming if it holds checkpoints); evaluate at the end
+  (and every `config.train.eval_every_steps` steps when that is > 0).
 
   Returns the final evaluation metrics (empty if no evaluation is configured or the run stopped
   early because of `config.train.max_steps_per_run`).
@@ -580,6 +581,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         return stop_early(step, "preempted")
       with reporter.paused():
         checkpointer.save(step, state, iterators, force=step == tcfg.total_steps)
+        if (tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0
+            and step < tcfg.total_steps):  # the last step's evaluation follows the loop
+          results = from_config.run(config, trainer.model, state["params"], predictions_dir=None)
+          if results:
+            writer.write_scalars(step, results)
       if (tcfg.max_steps_per_run and step - start >= tcfg.max_steps_per_run
           and step < tcfg.total_steps):
         return stop_early(step, "config.train.max_steps_per_run")
