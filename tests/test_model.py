@@ -8,7 +8,7 @@ import pytest
 
 from configs import x2vlm_base, x2vlm_large
 from x2vlm_jax.models import layers, x2vlm
-from x2vlm_jax.models.vit import relative_position_index
+from x2vlm_jax.models.vit import relative_position_index, sincos_2d_pos_embed
 
 TINY = dict(image_res=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2,
             vision_mlp_dim=64, vocab_size=64, text_width=32, text_layers=1, fusion_layers=1,
@@ -102,6 +102,40 @@ def test_optional_absolute_position_embedding_adds_one_table():
   with_pos = x2vlm.abstract_variables(x2vlm.X2VLM(vision_abs_pos_emb=True, **TINY))["params"]
   assert x2vlm.count_params(with_pos) - base == (1 + 4) * 32
   assert nn.meta.unbox(with_pos)["vision"]["pos_embed"].shape == (1, 5, 32)
+
+
+def test_sincos_position_table_by_hand():
+  """width 4 = one frequency (1.0): patch (row r, col c) -> [sin c, cos c, sin r, cos r]."""
+  table = sincos_2d_pos_embed(grid=2, width=4)
+  s, c = np.sin(1.0), np.cos(1.0)
+  np.testing.assert_allclose(table, [[0, 0, 0, 0],  # [CLS]
+                                     [0, 1, 0, 1], [s, c, 0, 1],  # row 0: columns 0, 1
+                                     [0, 1, s, c], [s, c, s, c]], atol=1e-7)  # row 1
+  assert sincos_2d_pos_embed(grid=3, width=8).shape == (10, 8)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    sincos_2d_pos_embed(grid=2, width=6)
+
+
+def test_sincos_position_embedding_is_fixed_and_added_to_every_patch():
+  """No parameter; the ViT output is the learned-table model's with that table = the sin-cos one."""
+  sincos = x2vlm.X2VLM(vision_abs_pos_emb=True, vision_pos_emb_kind="sincos2d", **TINY)
+  learned = x2vlm.X2VLM(vision_abs_pos_emb=True, **TINY)
+  params = nn.meta.unbox(sincos.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(sincos)))["params"]
+  assert "pos_embed" not in params["vision"]
+  assert x2vlm.count_params(params) == x2vlm.count_params(
+      x2vlm.abstract_variables(x2vlm.X2VLM(**TINY))["params"])
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  with_table = dict(params, vision=dict(params["vision"],
+                                        pos_embed=sincos_2d_pos_embed(2, 32)[None]))
+  np.testing.assert_allclose(
+      sincos.apply({"params": params}, images, method=sincos.encode_image),
+      learned.apply({"params": with_table}, images, method=learned.encode_image), atol=1e-6)
+  bad = x2vlm.X2VLM(vision_abs_pos_emb=True, vision_pos_emb_kind="sincos", **TINY)
+  with pytest.raises(ValueError, match="sincos"):
+    bad.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(bad))
+  with pytest.raises(ValueError, match="vision_pos_emb_kind must be"):  # from a config: no compile
+    x2vlm.build_model(ml_collections.ConfigDict(dict(x2vlm.model_config(),
+                                                     vision_pos_emb_kind="sincos")))
 
 
 def test_remat_policies_give_the_same_gradients(tiny):

@@ -130,6 +130,23 @@ class ScanBlock(Block):
     return super().__call__(x, deterministic, drop_path_rate), None
 
 
+def sincos_2d_pos_embed(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding [1+grid*grid, width] (row 0, [CLS]: zeros).
+
+  Patch (row r, column c) gets [sin(c w), cos(c w), sin(r w), cos(r w)], each over the width/4
+  frequencies w_k = temperature^(-k / (width/4)), k = 0 .. width/4 - 1 (MAE, big_vision).
+  """
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
+  freqs = temperature ** (-np.arange(width // 4) / (width // 4))
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")  # row-major patches
+  col_angles = cols.reshape(-1, 1) * freqs[None]
+  row_angles = rows.reshape(-1, 1) * freqs[None]
+  table = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles),
+                          np.cos(row_angles)], axis=1)
+  return np.concatenate([np.zeros((1, width)), table], axis=0).astype(np.float32)
+
+
 class VisionTransformer(nn.Module):
   """BEiT-2 ViT: patch embedding, cls token, blocks, fc_norm + mean pooling.
 
@@ -149,7 +166,10 @@ class VisionTransformer(nn.Module):
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.1
   abs_pos_emb: bool = False  # BEiT's optional absolute position embedding (X2-VLM: off)
-  pos_emb_init_std: float = 0.02  # its (truncated normal) init std
+  # "learned" (a parameter, truncated-normal init with `pos_emb_init_std`) or "sincos2d" (fixed
+  # 2-D sine-cosine of the patch row and column, as MAE / big_vision's ViT; zero for [CLS]).
+  pos_emb_kind: str = "learned"
+  pos_emb_init_std: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
   scan: bool = False
@@ -182,12 +202,16 @@ class VisionTransformer(nn.Module):
                            (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)), x],
                         axis=1)
-    if self.abs_pos_emb:
+    if self.abs_pos_emb and self.pos_emb_kind == "learned":
       pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
           nn.initializers.truncated_normal(stddev=self.pos_emb_init_std), (None, None, "embed")),
                              (1, x.shape[1], self.width),
                              self.param_dtype)
       x = x + pos_embed.astype(x.dtype)
+    elif self.abs_pos_emb and self.pos_emb_kind == "sincos2d":
+      x = x + jnp.asarray(sincos_2d_pos_embed(self.grid, self.width), x.dtype)[None]
+    elif self.abs_pos_emb:
+      raise ValueError(f"pos_emb_kind {self.pos_emb_kind!r}: expected 'learned' or 'sincos2d'")
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).

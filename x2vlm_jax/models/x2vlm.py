@@ -48,6 +48,8 @@ class X2VLM(nn.Module):
   # Its init std. BEiT's 0.02 leaves positions ~4% of a patch's signal; a from-scratch model that
   # must regress boxes learns far faster with O(1) positions (the demo uses 0.5).
   vision_pos_emb_init_std: float = 0.02
+  # "learned" or "sincos2d" (fixed 2-D sine-cosine of the patch row / column, no parameter).
+  vision_pos_emb_kind: str = "learned"
   num_frames: int = 0  # > 0: learned frame position embedding for `num_frames` video frames
   # Text + fusion (BERT).
   vocab_size: int = 30522
@@ -94,7 +96,7 @@ class X2VLM(nn.Module):
         depth=self.vision_depth, num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
         drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
-        pos_emb_init_std=self.vision_pos_emb_init_std,
+        pos_emb_init_std=self.vision_pos_emb_init_std, pos_emb_kind=self.vision_pos_emb_kind,
         remat=self.remat, remat_policy=self.remat_policy, scan=self.scan_layers, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
@@ -314,4 +316,7 @@ def build_model(model_cfg) -> X2VLM:
       raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")
     kwargs[key] = _DTYPES[kwargs[key]]
   layers.remat_policy(kwargs.get("remat_policy", "nothing_saveable"))  # a typo fails here
+  if kwargs.get("vision_pos_emb_kind", "learned") not in ("learned", "sincos2d"):
+    raise ValueError("model.vision_pos_emb_kind must be 'learned' or 'sincos2d', got "
+                     f"{kwargs['vision_pos_emb_kind']!r}")
   return X2VLM(**kwargs)
