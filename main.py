@@ -10,8 +10,10 @@ Multi-process runs call `jax.distributed.initialize` from --coordinator_address 
 --num_processes / --process_id, or with --distributed from the cluster's environment (README,
 "Scaling out").
 """
+import difflib
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -39,6 +41,52 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or not noisy
 
 
+def _config_fields(node, prefix=""):
+  """Dotted paths of every field of a ConfigDict, sub-configs included."""
+  for key, value in node.items():
+    yield prefix + key
+    if hasattr(value, "items"):
+      yield from _config_fields(value, prefix + key + ".")
+
+
+def _unknown_override(argv) -> str | None:
+  """The message for the first `--config.a.b=v` naming no field of the config, else None."""
+  spec = next((argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1]
+               for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")),
+              None)
+  if spec is None:
+    return None
+  from x2vlm_jax.configs_loader import load_config
+  fields = list(_config_fields(load_config(spec)))
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    if path in fields:
+      continue
+    leaf = path.rsplit(".", 1)[-1]
+    leaves = [f for f in fields if not any(g.startswith(f + ".") for g in fields)]
+    guesses = sorted({f for f in leaves if f.rsplit(".", 1)[-1] == leaf}
+                     | set(difflib.get_close_matches(path, leaves, n=3)))
+    hint = f"; did you mean {', '.join(guesses)}?" if guesses else ""
+    return f"main.py: {arg}: the config ({spec}) has no field '{path}'{hint}"
+  return None
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with a one-line error for an override of a field the config lacks."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:  # a bad value or a missing flag: absl's own message, no traceback
+    sys.exit(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on "
+             "flags.")
+  except (AttributeError, KeyError):
+    message = _unknown_override(argv[1:])
+    if message is None:
+      raise
+    sys.exit(message)
+
+
 def main(argv):
   del argv
   from absl import logging as absl_logging
@@ -64,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

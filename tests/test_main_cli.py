@@ -79,5 +79,14 @@ def test_config_typo_fails_before_anything_compiles(tmp_path):
   proc = _run("--config", "configs/tiny.py", "--workdir", str(tmp_path),
               "--config.optim.lrr=0.1", timeout=120)
   assert proc.returncode != 0
-  assert "lrr" in proc.stderr
+  assert "has no field 'optim.lrr'; did you mean" in proc.stderr and "optim.lr," in proc.stderr
+  assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+  proc = _run("--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.seed=1",
+              timeout=120)  # a field that exists under other sections: all of them offered
+  assert proc.returncode != 0
+  assert "has no field 'seed'; did you mean data.seed, demo.seed, train.seed?" in proc.stderr
+  proc = _run("--config", "configs/tiny.py", "--workdir", str(tmp_path),
+              "--config.model.vision_width=wide", timeout=120)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "--config.model.vision_width=wide: invalid literal for int()" in proc.stderr
