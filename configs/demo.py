@@ -34,8 +34,10 @@ def get_config(arg=None):
   m.drop_path_rate, m.hidden_dropout, m.attention_dropout = 0.0, 0.0, 0.0
   m.vision_abs_pos_emb = True  # from scratch, boxes need absolute positions (BEiT-2 weights have
   # learned them through their relative tables; a 3-block random ViT has not)
-  m.vision_pos_emb_kind = "sincos2d"  # fixed O(1) row/column codes: grounding 51.5 vs 17.0 with a
-  # learned table (std 0.5) in the same 1000 steps; at BEiT's std 0.02 the box head ignores the image
+  # A learned table that starts as 2-D sine-cosine row/column codes: grounding Acc@0.5 61.0 in 1000
+  # steps, against 17.0 from a random (std 0.5) table and 51.5 from the fixed sine-cosine table
+  # (README). At BEiT's std 0.02 the box head ignores the image.
+  m.vision_pos_emb_kind = "learned_from_sincos2d"
   if quick:
     m.vision_width, m.vision_depth, m.vision_mlp_dim = 32, 1, 64
     m.text_width, m.text_mlp_dim, m.text_layers, m.fusion_layers = 32, 64, 1, 1

@@ -133,6 +133,14 @@ def test_sincos_position_embedding_is_fixed_and_added_to_every_patch():
   bad = x2vlm.X2VLM(vision_abs_pos_emb=True, vision_pos_emb_kind="sincos", **TINY)
   with pytest.raises(ValueError, match="sincos"):
     bad.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(bad))
+  from_sincos = x2vlm.X2VLM(vision_abs_pos_emb=True, vision_pos_emb_kind="learned_from_sincos2d",
+                            **TINY)  # a parameter that starts as the table: the same outputs
+  start = nn.meta.unbox(from_sincos.init(jax.random.PRNGKey(0),
+                                         *x2vlm.init_inputs(from_sincos)))["params"]
+  np.testing.assert_array_equal(start["vision"]["pos_embed"], sincos_2d_pos_embed(2, 32)[None])
+  np.testing.assert_allclose(
+      from_sincos.apply({"params": start}, images, method=from_sincos.encode_image),
+      learned.apply({"params": with_table}, images, method=learned.encode_image), atol=1e-6)
   with pytest.raises(ValueError, match="vision_pos_emb_kind must be"):  # from a config: no compile
     x2vlm.build_model(ml_collections.ConfigDict(dict(x2vlm.model_config(),
                                                      vision_pos_emb_kind="sincos")))

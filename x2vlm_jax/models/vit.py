@@ -166,8 +166,9 @@ class VisionTransformer(nn.Module):
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.1
   abs_pos_emb: bool = False  # BEiT's optional absolute position embedding (X2-VLM: off)
-  # "learned" (a parameter, truncated-normal init with `pos_emb_init_std`) or "sincos2d" (fixed
-  # 2-D sine-cosine of the patch row and column, as MAE / big_vision's ViT; zero for [CLS]).
+  # "learned" (a parameter, truncated-normal init with `pos_emb_init_std`), "sincos2d" (fixed
+  # 2-D sine-cosine of the patch row and column, as MAE / big_vision's ViT; zero for [CLS]) or
+  # "learned_from_sincos2d" (a parameter that starts as that sine-cosine table).
   pos_emb_kind: str = "learned"
   pos_emb_init_std: float = 0.02
   remat: bool = False
@@ -202,16 +203,20 @@ class VisionTransformer(nn.Module):
                            (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)), x],
                         axis=1)
-    if self.abs_pos_emb and self.pos_emb_kind == "learned":
+    if self.abs_pos_emb and self.pos_emb_kind in ("learned", "learned_from_sincos2d"):
+      if self.pos_emb_kind == "learned":
+        init = nn.initializers.truncated_normal(stddev=self.pos_emb_init_std)
+      else:
+        init = lambda key, shape, dtype: jnp.asarray(  # noqa: E731
+            sincos_2d_pos_embed(self.grid, self.width)[None], dtype)
       pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
-          nn.initializers.truncated_normal(stddev=self.pos_emb_init_std), (None, None, "embed")),
-                             (1, x.shape[1], self.width),
-                             self.param_dtype)
+          init, (None, None, "embed")), (1, x.shape[1], self.width), self.param_dtype)
       x = x + pos_embed.astype(x.dtype)
     elif self.abs_pos_emb and self.pos_emb_kind == "sincos2d":
       x = x + jnp.asarray(sincos_2d_pos_embed(self.grid, self.width), x.dtype)[None]
     elif self.abs_pos_emb:
-      raise ValueError(f"pos_emb_kind {self.pos_emb_kind!r}: expected 'learned' or 'sincos2d'")
+      raise ValueError(f"pos_emb_kind {self.pos_emb_kind!r}: expected 'learned', 'sincos2d' or "
+                       "'learned_from_sincos2d'")
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).

@@ -48,7 +48,8 @@ class X2VLM(nn.Module):
   # Its init std. BEiT's 0.02 leaves positions ~4% of a patch's signal; a from-scratch model that
   # must regress boxes learns far faster with O(1) positions (the demo uses 0.5).
   vision_pos_emb_init_std: float = 0.02
-  # "learned" or "sincos2d" (fixed 2-D sine-cosine of the patch row / column, no parameter).
+  # "learned", "sincos2d" (fixed 2-D sine-cosine of the patch row / column, no parameter) or
+  # "learned_from_sincos2d" (a learned table initialised to the sine-cosine one).
   vision_pos_emb_kind: str = "learned"
   num_frames: int = 0  # > 0: learned frame position embedding for `num_frames` video frames
   # Text + fusion (BERT).
@@ -316,7 +317,8 @@ def build_model(model_cfg) -> X2VLM:
       raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")
     kwargs[key] = _DTYPES[kwargs[key]]
   layers.remat_policy(kwargs.get("remat_policy", "nothing_saveable"))  # a typo fails here
-  if kwargs.get("vision_pos_emb_kind", "learned") not in ("learned", "sincos2d"):
-    raise ValueError("model.vision_pos_emb_kind must be 'learned' or 'sincos2d', got "
-                     f"{kwargs['vision_pos_emb_kind']!r}")
+  if kwargs.get("vision_pos_emb_kind", "learned") not in ("learned", "sincos2d",
+                                                          "learned_from_sincos2d"):
+    raise ValueError("model.vision_pos_emb_kind must be 'learned', 'sincos2d' or "
+                     f"'learned_from_sincos2d', got {kwargs['vision_pos_emb_kind']!r}")
   return X2VLM(**kwargs)
