@@ -10,7 +10,6 @@ Multi-process runs call `jax.distributed.initialize` from --coordinator_address 
 --num_processes / --process_id, or with --distributed from the cluster's environment (README,
 "Scaling out").
 """
-import difflib
 import logging
 import os
 import sys
@@ -41,35 +40,29 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or not noisy
 
 
-def _config_fields(node, prefix=""):
-  """Dotted paths of every field of a ConfigDict, sub-configs included."""
-  for key, value in node.items():
-    yield prefix + key
-    if hasattr(value, "items"):
-      yield from _config_fields(value, prefix + key + ".")
+def _config_spec(argv) -> str | None:
+  """The `configs/NAME.py[:arg]` given with --config=SPEC or --config SPEC."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _unknown_override(argv) -> str | None:
   """The message for the first `--config.a.b=v` naming no field of the config, else None."""
-  spec = next((argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1]
-               for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")),
-              None)
+  spec = _config_spec(argv)
   if spec is None:
     return None
+  from configs import common
   from x2vlm_jax.configs_loader import load_config
-  fields = list(_config_fields(load_config(spec)))
+  config = load_config(spec)
   for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    path = arg[len("--config."):].split("=", 1)[0]
-    if path in fields:
-      continue
-    leaf = path.rsplit(".", 1)[-1]
-    leaves = [f for f in fields if not any(g.startswith(f + ".") for g in fields)]
-    guesses = sorted({f for f in leaves if f.rsplit(".", 1)[-1] == leaf}
-                     | set(difflib.get_close_matches(path, leaves, n=3)))
-    hint = f"; did you mean {', '.join(guesses)}?" if guesses else ""
-    return f"main.py: {arg}: the config ({spec}) has no field '{path}'{hint}"
+    if arg.startswith("--config."):
+      problem = common.unknown_field(config, arg[len("--config."):].split("=", 1)[0])
+      if problem:
+        return f"main.py: {arg}: the config ({spec}) has {problem}"
   return None
 
 

@@ -6,6 +6,7 @@ misspelt key — in a file or on the command line (`--config.optim.lrr=1`) — f
 from __future__ import annotations
 
 import ast
+import difflib
 
 import ml_collections
 
@@ -188,17 +189,45 @@ def size_arg(arg: str | None) -> str:
   return size
 
 
+def leaf_paths(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every leaf field of a config ("optim.lr", "model.vision_width", ...)."""
+  paths = []
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += leaf_paths(value, f"{prefix}{key}.")
+    else:
+      paths.append(prefix + key)
+  return paths
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """None when the dotted `path` names a field (or sub-config) of `config`; else "no field 'path'"
+  with the fields it may mean (same last name, or close spelling)."""
+  node = config
+  for name in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      leaves = leaf_paths(config)
+      last = path.rsplit(".", 1)[-1]
+      guesses = sorted({leaf for leaf in leaves if leaf.rsplit(".", 1)[-1] == last}
+                       | set(difflib.get_close_matches(path, leaves, n=3)))
+      return f"no field '{path}'" + (f"; did you mean {', '.join(guesses)}?" if guesses else "")
+    node = node[name]
+  return None
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """`--config file.py:a.b=1,c=x` -> set those fields (typed by their defaults), then lock."""
   if arg:
     for item in arg.split(","):
       key, _, value = item.partition("=")
-      *parents, leaf = key.strip().split(".")
+      key = key.strip()
+      problem = unknown_field(config, key)
+      if problem:
+        raise KeyError(f"config arg {key!r}: {problem}")
+      *parents, leaf = key.split(".")
       node = config
       for name in parents:
         node = node[name]
-      if leaf not in node:
-        raise KeyError(f"config arg {key!r}: no such field")
       current = node[leaf]
       if isinstance(current, str):
         node[leaf] = value

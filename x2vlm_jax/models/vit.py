@@ -147,6 +147,16 @@ def sincos_2d_pos_embed(grid: int, width: int, temperature: float = 10_000.0) ->
   return np.concatenate([np.zeros((1, width)), table], axis=0).astype(np.float32)
 
 
+POS_EMB_KINDS = ("learned", "sincos2d", "learned_from_sincos2d")
+
+
+def check_pos_emb_kind(kind: str) -> str:
+  """`kind` if it is one of POS_EMB_KINDS, else a ValueError naming the config field."""
+  if kind not in POS_EMB_KINDS:
+    raise ValueError(f"model.vision_pos_emb_kind must be one of {POS_EMB_KINDS}, got {kind!r}")
+  return kind
+
+
 class VisionTransformer(nn.Module):
   """BEiT-2 ViT: patch embedding, cls token, blocks, fc_norm + mean pooling.
 
@@ -203,20 +213,18 @@ class VisionTransformer(nn.Module):
                            (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)), x],
                         axis=1)
-    if self.abs_pos_emb and self.pos_emb_kind in ("learned", "learned_from_sincos2d"):
-      if self.pos_emb_kind == "learned":
-        init = nn.initializers.truncated_normal(stddev=self.pos_emb_init_std)
+    if self.abs_pos_emb:
+      if check_pos_emb_kind(self.pos_emb_kind) == "sincos2d":
+        pos_embed = jnp.asarray(sincos_2d_pos_embed(self.grid, self.width)[None])
       else:
-        init = lambda key, shape, dtype: jnp.asarray(  # noqa: E731
-            sincos_2d_pos_embed(self.grid, self.width)[None], dtype)
-      pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
-          init, (None, None, "embed")), (1, x.shape[1], self.width), self.param_dtype)
+        if self.pos_emb_kind == "learned":
+          init = nn.initializers.truncated_normal(stddev=self.pos_emb_init_std)
+        else:  # learned_from_sincos2d
+          init = lambda key, shape, dtype: jnp.asarray(  # noqa: E731
+              sincos_2d_pos_embed(self.grid, self.width)[None], dtype)
+        pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
+            init, (None, None, "embed")), (1, x.shape[1], self.width), self.param_dtype)
       x = x + pos_embed.astype(x.dtype)
-    elif self.abs_pos_emb and self.pos_emb_kind == "sincos2d":
-      x = x + jnp.asarray(sincos_2d_pos_embed(self.grid, self.width), x.dtype)[None]
-    elif self.abs_pos_emb:
-      raise ValueError(f"pos_emb_kind {self.pos_emb_kind!r}: expected 'learned', 'sincos2d' or "
-                       "'learned_from_sincos2d'")
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
 
     # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).

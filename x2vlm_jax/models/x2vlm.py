@@ -21,7 +21,7 @@ import flax.linen as nn
 
 from x2vlm_jax.models import layers
 from x2vlm_jax.models.bert import BertModel
-from x2vlm_jax.models.vit import VisionTransformer
+from x2vlm_jax.models.vit import VisionTransformer, check_pos_emb_kind
 
 Dtype = Any
 
@@ -317,8 +317,5 @@ def build_model(model_cfg) -> X2VLM:
       raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")
     kwargs[key] = _DTYPES[kwargs[key]]
   layers.remat_policy(kwargs.get("remat_policy", "nothing_saveable"))  # a typo fails here
-  if kwargs.get("vision_pos_emb_kind", "learned") not in ("learned", "sincos2d",
-                                                          "learned_from_sincos2d"):
-    raise ValueError("model.vision_pos_emb_kind must be 'learned', 'sincos2d' or "
-                     f"'learned_from_sincos2d', got {kwargs['vision_pos_emb_kind']!r}")
+  check_pos_emb_kind(kwargs.get("vision_pos_emb_kind", "learned"))
   return X2VLM(**kwargs)
