@@ -46,7 +46,8 @@ class X2VLM(nn.Module):
   drop_path_rate: float = 0.1
   vision_abs_pos_emb: bool = False  # learned absolute position embedding (not in X2-VLM's BEiT-2)
   # Its init std. BEiT's 0.02 leaves positions ~4% of a patch's signal; a from-scratch model that
-  # must regress boxes learns far faster with O(1) positions (the demo uses 0.5).
+  # must regress boxes learns far faster with O(1) positions (std 0.5; the demo instead starts
+  # the table as sine-cosine codes, vision_pos_emb_kind='learned_from_sincos2d').
   vision_pos_emb_init_std: float = 0.02
   # "learned", "sincos2d" (fixed 2-D sine-cosine of the patch row / column, no parameter) or
   # "learned_from_sincos2d" (a learned table initialised to the sine-cosine one).
