@@ -67,6 +67,26 @@ def test_vit_flops_match_a_hand_count_and_xla():
   assert 0.5 < xla / hand < 2.0, (xla, hand)
 
 
+def test_conv_stem_flops_match_a_hand_count_and_xla():
+  """`vision_stem='conv'` on 2 images of 32x32, width 32: 3x3 stride-2 convs to 16², 8², 4², 2²
+  positions with 3->8->8->16->32 channels, then the 1x1 conv 32->32 over the 4 patches."""
+  m = tiny.get_config("model.vision_depth=1,model.vision_stem=conv").model
+  images = 2
+  convs = [2 * images * 16 * 16 * 8 * (9 * 3), 2 * images * 8 * 8 * 8 * (9 * 8),
+           2 * images * 4 * 4 * 16 * (9 * 8), 2 * images * 2 * 2 * 32 * (9 * 16)]
+  proj = 2 * (images * 4) * 32 * 32
+  hand = sum(convs) + proj
+  assert hand == 532_480
+  assert flops.patch_embed_flops(m, images) == hand
+  assert flops.vit_flops(m, images) == hand + flops.vit_block_flops(m, images)
+
+  model = x2vlm.build_model(m)
+  image_spec = jax.ShapeDtypeStruct((images, m.image_res, m.image_res, 3), jnp.float32)
+  xla = _xla_flops(lambda p, x: model.apply({"params": p}, x, method=x2vlm.X2VLM.encode_image),
+                   _abstract_params(model), image_spec)
+  assert 0.5 < xla / flops.vit_flops(m, images) < 2.0, (xla, hand)
+
+
 def test_objective_forward_flops_are_near_xla_and_training_is_three_forwards():
   config = tiny.get_config("train.image_text_weight=0.0")
   sizes = flops.batch_kind_sizes(config, ("regions",))

@@ -56,6 +56,16 @@ def test_mismatch_lists_missing_unexpected_and_shapes(fixture_state, tiny_model)
   assert "--allow-missing" in msg
 
 
+def test_conv_stem_model_refuses_a_released_checkpoint(fixture_state, tiny_model):
+  """No release has a convolutional stem: its layers are missing, the patch embedding unexpected."""
+  conv_stem = tiny_model.clone(vision_stem="conv")
+  with pytest.raises(convert.ConversionError) as err:
+    convert.convert_state_dict(fixture_state, _shapes(conv_stem), source="x.th")
+  msg = str(err.value)
+  assert "vision/stem/conv_0/kernel [3, 3, 3, " in msg and "vision/stem/proj/kernel" in msg
+  assert "vision_encoder.patch_embed.proj.weight" in msg
+
+
 def test_allow_missing_leaves_heads_to_fresh_init(fixture_state, tiny_model):
   state = {k: v for k, v in fixture_state.items() if not k.startswith("bbox_head.")}
   params, missing = convert.convert_state_dict(state, _shapes(tiny_model),

@@ -146,6 +146,47 @@ def test_sincos_position_embedding_is_fixed_and_added_to_every_patch():
                                                      vision_pos_emb_kind="sincos")))
 
 
+def test_conv_stem_replaces_the_patch_embedding():
+  """`vision_stem='conv'`: 4 stride-2 3x3 convs (8, 8, 16, 32 channels for width 32, at least 8)
+  + a 1x1 conv to the width, in place of the 16x16 patch embedding; the same [B, 1+N, D] output,
+  and a token now sees pixels of the neighbouring patch (the 3x3 windows overlap; with SAME
+  padding of even sizes they reach right / down: patch (0, 0) sees the first column of (0, 1))."""
+  conv = x2vlm.X2VLM(vision_stem="conv", **TINY)
+  patch = x2vlm.X2VLM(**TINY)
+  params = nn.meta.unbox(conv.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(conv)))["params"]
+  stem = params["vision"]["stem"]
+  assert "patch_embed" not in params["vision"]
+  assert {k: v["kernel"].shape for k, v in stem.items()} == {
+      "conv_0": (3, 3, 3, 8), "conv_1": (3, 3, 8, 8), "conv_2": (3, 3, 8, 16),
+      "conv_3": (3, 3, 16, 32), "proj": (1, 1, 32, 32)}
+  stem_params = (27 * 8 + 8) + (72 * 8 + 8) + (72 * 16 + 16) + (144 * 32 + 32) + (32 * 32 + 32)
+  patch_embed_params = 16 * 16 * 3 * 32 + 32
+  assert x2vlm.count_params(params) - x2vlm.count_params(
+      x2vlm.abstract_variables(patch)["params"]) == stem_params - patch_embed_params
+
+  def patch_tokens(stem):  # the ViT without blocks: each token is its stem output, LayerNorm'd
+    model = x2vlm.X2VLM(vision_stem=stem, **dict(TINY, vision_depth=0))
+    variables = model.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(model))
+    return lambda images: model.apply(variables, images, method=model.encode_image)[:, 1:]
+
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
+  nudged = images.at[0, 0, 16].add(1.0)  # the first pixel column of patch (0, 1)
+  for stem, neighbour_sees_it in (("conv", True), ("patch", False)):
+    tokens = patch_tokens(stem)
+    assert tokens(images).shape == (1, 4, 32)
+    changed = np.abs(np.asarray(tokens(nudged) - tokens(images))).max(-1)[0]  # per token [4]
+    assert changed[1] > 1e-3 and (changed[0] > 1e-3) == neighbour_sees_it, (stem, changed)
+    assert changed[2] == changed[3] == 0  # the row below: out of reach of a pixel in row 0
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(vision_stem="cnn"), "vision_stem must be one of"),
+    (dict(vision_stem="conv", patch_size=12, image_res=36), "power of 2")])
+def test_bad_stem_fails_from_the_config(fields, message):
+  with pytest.raises(ValueError, match=message):
+    x2vlm.build_model(ml_collections.ConfigDict(dict(x2vlm.model_config(), **fields)))
+
+
 def test_remat_policies_give_the_same_gradients(tiny):
   """Rematerialisation trades memory for compute; it must not change a single gradient."""
   _, variables, images, ids, atts = tiny

@@ -2,7 +2,8 @@
 
 Conventions:
   * Only matrix multiplications are counted, at 2·m·n·k FLOPs for an [m, k] x [k, n] product
-    (convolutions likewise: the patch embedding is a matmul of the flattened patches).
+    (convolutions likewise: the patch embedding is a matmul of the flattened patches, each conv
+    of a convolutional stem one of the flattened 3x3 windows).
     LayerNorm, softmax, GELU, biases, residuals, dropout, embedding gathers, losses and the
     optimizer update are not counted (they are O(activations) or O(params), a few per cent for
     these model sizes).
@@ -57,6 +58,11 @@ def _get(cfg: Any, name: str) -> Any:
   return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
 
 
+def _get_or(cfg: Any, name: str, default: Any) -> Any:
+  """`_get`, or `default` where the config has no such field."""
+  return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
+
+
 def matmul_flops(m: int, n: int, k: int) -> int:
   """[m, k] @ [k, n]: 2·m·n·k."""
   return 2 * m * n * k
@@ -70,10 +76,21 @@ def vision_tokens(model_cfg) -> int:
 
 # ------------------------------------------------------------------------------------ vision
 def patch_embed_flops(model_cfg, images: int) -> int:
-  """Patch embedding conv (p x p x 3 -> D, stride p) on `images` images: 2·N·P·(3p²)·D."""
-  p = _get(model_cfg, "patch_size")
+  """Patch embedding conv (p x p x 3 -> D, stride p) on `images` images: 2·N·P·(3p²)·D; or, with
+  `vision_stem='conv'` (`vit.ConvStem`), each 3x3 stride-2 conv (C_in -> C_out over its output
+  positions: 2·N·(H/2^(i+1))²·(9·C_in)·C_out) plus the 1x1 conv to D over the P patches."""
+  p, width = _get(model_cfg, "patch_size"), _get(model_cfg, "vision_width")
   patches = vision_tokens(model_cfg) - 1
-  return matmul_flops(images * patches, _get(model_cfg, "vision_width"), 3 * p * p)
+  if _get_or(model_cfg, "vision_stem", "patch") != "conv":
+    return matmul_flops(images * patches, width, 3 * p * p)
+  num_convs = p.bit_length() - 1  # log2(p)
+  total, side, channels_in = 0, _get(model_cfg, "image_res"), 3
+  for i in range(num_convs):
+    side = -(-side // 2)  # SAME padding, stride 2
+    channels_out = max(width // 2 ** (num_convs - 1 - i), 8)
+    total += matmul_flops(images * side * side, channels_out, 9 * channels_in)
+    channels_in = channels_out
+  return total + matmul_flops(images * patches, width, channels_in)
 
 
 def attention_core_flops(batch: int, query_len: int, key_len: int, width: int) -> int:

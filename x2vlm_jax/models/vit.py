@@ -157,8 +157,59 @@ def check_pos_emb_kind(kind: str) -> str:
   return kind
 
 
+STEMS = ("patch", "conv")
+
+
+def check_stem(stem: str, patch_size: int) -> str:
+  """A clear error for an unknown `model.vision_stem`, or a conv stem with a non-power-of-2 patch."""
+  if stem not in STEMS:
+    raise ValueError(f"model.vision_stem must be one of {STEMS}, got {stem!r}")
+  if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+    raise ValueError(f"model.vision_stem='conv' halves the image log2(patch_size) times; "
+                     f"patch_size must be a power of 2, got {patch_size}")
+  return stem
+
+
+class ConvStem(nn.Module):
+  """A convolutional stem in place of the patch embedding (Xiao et al. 2021, "Early Convolutions
+  Help Transformers See Better"): n = log2(p) 3x3 convolutions of stride 2, each followed by a
+  ReLU, with width/2^(n-1), ..., width/2, width channels (at least 8), then a 1x1 convolution to
+  `width`. Each patch token then sees its p x p patch through small translation-equivariant
+  filters (and a little beyond it: the 3x3 windows overlap) instead of one linear map of its raw
+  pixels.
+
+  Not part of BEiT-2 (no released checkpoint has it): an option for models trained from scratch
+  on small images, where a linear patch embedding learns object shape slowly (README, demo).
+
+  images [B, H, W, 3] -> [B, H/p, W/p, width].
+  """
+  width: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    num_convs = self.patch_size.bit_length() - 1  # log2(p): check_stem wants a power of 2
+    x = images.astype(self.dtype)
+    for i in range(num_convs):
+      channels = max(self.width // 2 ** (num_convs - 1 - i), 8)
+      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", name=f"conv_{i}",
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(),
+                                                           (None, None, None, None)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                  **kw)(x)
+      x = nn.relu(x)
+    return nn.Conv(self.width, (1, 1), name="proj",
+                   kernel_init=nn.with_logical_partitioning(layers.default_kernel_init,
+                                                            (None, None, None, "embed")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                   **kw)(x)
+
+
 class VisionTransformer(nn.Module):
-  """BEiT-2 ViT: patch embedding, cls token, blocks, fc_norm + mean pooling.
+  """BEiT-2 ViT: patch embedding (or a conv stem), cls token, blocks, fc_norm + mean pooling.
 
   Attributes:
     image_res: the resolution the model is built for (the relative position tables depend on it).
@@ -181,6 +232,9 @@ class VisionTransformer(nn.Module):
   # "learned_from_sincos2d" (a parameter that starts as that sine-cosine table).
   pos_emb_kind: str = "learned"
   pos_emb_init_std: float = 0.02
+  # "patch": BEiT's linear patch embedding (one p x p stride-p convolution, `patch_embed`);
+  # "conv": a `ConvStem` (`stem`), for models trained from scratch (no checkpoint has one).
+  stem: str = "patch"
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # see layers.REMAT_POLICIES
   scan: bool = False
@@ -200,11 +254,14 @@ class VisionTransformer(nn.Module):
     """images: [B, H, W, 3] (normalised) -> image_embeds [B, 1+N, D]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(layers.default_kernel_init,
-                                                         (None, None, "patch", "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                **kw)(images.astype(self.dtype))
+    if check_stem(self.stem, p) == "conv":
+      x = ConvStem(self.width, p, name="stem", **kw)(images)
+    else:
+      x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
+                  kernel_init=nn.with_logical_partitioning(layers.default_kernel_init,
+                                                           (None, None, "patch", "embed")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                  **kw)(images.astype(self.dtype))
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.width)  # [B, N, D], row-major over the grid
     cls_token = self.param("cls_token",

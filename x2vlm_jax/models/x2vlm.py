@@ -21,7 +21,7 @@ import flax.linen as nn
 
 from x2vlm_jax.models import layers
 from x2vlm_jax.models.bert import BertModel
-from x2vlm_jax.models.vit import VisionTransformer, check_pos_emb_kind
+from x2vlm_jax.models.vit import VisionTransformer, check_pos_emb_kind, check_stem
 
 Dtype = Any
 
@@ -52,6 +52,9 @@ class X2VLM(nn.Module):
   # "learned", "sincos2d" (fixed 2-D sine-cosine of the patch row / column, no parameter) or
   # "learned_from_sincos2d" (a learned table initialised to the sine-cosine one).
   vision_pos_emb_kind: str = "learned"
+  # "patch" (BEiT-2's linear patch embedding) or "conv" (a convolutional stem, `vit.ConvStem`: not
+  # in any release; for small models trained from scratch, where it lets the ViT see shapes).
+  vision_stem: str = "patch"
   num_frames: int = 0  # > 0: learned frame position embedding for `num_frames` video frames
   # Text + fusion (BERT).
   vocab_size: int = 30522
@@ -99,7 +102,7 @@ class X2VLM(nn.Module):
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
         drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
         pos_emb_init_std=self.vision_pos_emb_init_std, pos_emb_kind=self.vision_pos_emb_kind,
-        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan_layers, **kw)
+        stem=self.vision_stem, remat=self.remat, remat_policy=self.remat_policy, scan=self.scan_layers, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
         num_layers=self.text_layers + self.fusion_layers, fusion_start=self.text_layers,
@@ -319,4 +322,5 @@ def build_model(model_cfg) -> X2VLM:
     kwargs[key] = _DTYPES[kwargs[key]]
   layers.remat_policy(kwargs.get("remat_policy", "nothing_saveable"))  # a typo fails here
   check_pos_emb_kind(kwargs.get("vision_pos_emb_kind", "learned"))
+  check_stem(kwargs.get("vision_stem", "patch"), kwargs.get("patch_size", 16))
   return X2VLM(**kwargs)
