@@ -37,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from x2vlm_jax.models.vit import conv_stem_channels
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchSizes:
@@ -58,11 +60,6 @@ def _get(cfg: Any, name: str) -> Any:
   return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
 
 
-def _get_or(cfg: Any, name: str, default: Any) -> Any:
-  """`_get`, or `default` where the config has no such field."""
-  return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
-
-
 def matmul_flops(m: int, n: int, k: int) -> int:
   """[m, k] @ [k, n]: 2·m·n·k."""
   return 2 * m * n * k
@@ -81,13 +78,11 @@ def patch_embed_flops(model_cfg, images: int) -> int:
   positions: 2·N·(H/2^(i+1))²·(9·C_in)·C_out) plus the 1x1 conv to D over the P patches."""
   p, width = _get(model_cfg, "patch_size"), _get(model_cfg, "vision_width")
   patches = vision_tokens(model_cfg) - 1
-  if _get_or(model_cfg, "vision_stem", "patch") != "conv":
+  if _get(model_cfg, "vision_stem") != "conv":
     return matmul_flops(images * patches, width, 3 * p * p)
-  num_convs = p.bit_length() - 1  # log2(p)
   total, side, channels_in = 0, _get(model_cfg, "image_res"), 3
-  for i in range(num_convs):
+  for channels_out in conv_stem_channels(width, p):
     side = -(-side // 2)  # SAME padding, stride 2
-    channels_out = max(width // 2 ** (num_convs - 1 - i), 8)
     total += matmul_flops(images * side * side, channels_out, 9 * channels_in)
     channels_in = channels_out
   return total + matmul_flops(images * patches, width, channels_in)

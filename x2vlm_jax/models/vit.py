@@ -170,11 +170,17 @@ def check_stem(stem: str, patch_size: int) -> str:
   return stem
 
 
+def conv_stem_channels(width: int, patch_size: int) -> list[int]:
+  """Output channels of `ConvStem`'s log2(p) stride-2 convolutions: width/2^(n-1), ..., width/2,
+  width, each at least 8 (also counted by `flops.patch_embed_flops`)."""
+  num_convs = patch_size.bit_length() - 1  # log2(p): check_stem wants a power of 2
+  return [max(width // 2 ** (num_convs - 1 - i), 8) for i in range(num_convs)]
+
+
 class ConvStem(nn.Module):
   """A convolutional stem in place of the patch embedding (Xiao et al. 2021, "Early Convolutions
-  Help Transformers See Better"): n = log2(p) 3x3 convolutions of stride 2, each followed by a
-  ReLU, with width/2^(n-1), ..., width/2, width channels (at least 8), then a 1x1 convolution to
-  `width`. Each patch token then sees its p x p patch through small translation-equivariant
+  Help Transformers See Better"): log2(p) 3x3 convolutions of stride 2, each followed by a ReLU,
+  with `conv_stem_channels` channels (doubling up to `width`), then a 1x1 convolution to `width`. Each patch token then sees its p x p patch through small translation-equivariant
   filters (and a little beyond it: the 3x3 windows overlap) instead of one linear map of its raw
   pixels.
 
@@ -191,10 +197,8 @@ class ConvStem(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    num_convs = self.patch_size.bit_length() - 1  # log2(p): check_stem wants a power of 2
     x = images.astype(self.dtype)
-    for i in range(num_convs):
-      channels = max(self.width // 2 ** (num_convs - 1 - i), 8)
+    for i, channels in enumerate(conv_stem_channels(self.width, self.patch_size)):
       x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", name=f"conv_{i}",
                   kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(),
                                                            (None, None, None, None)),

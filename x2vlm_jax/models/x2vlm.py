@@ -102,7 +102,8 @@ class X2VLM(nn.Module):
         layer_norm_eps=self.vision_layer_norm_eps, layer_scale_init=self.layer_scale_init,
         drop_path_rate=self.drop_path_rate, abs_pos_emb=self.vision_abs_pos_emb,
         pos_emb_init_std=self.vision_pos_emb_init_std, pos_emb_kind=self.vision_pos_emb_kind,
-        stem=self.vision_stem, remat=self.remat, remat_policy=self.remat_policy, scan=self.scan_layers, **kw)
+        stem=self.vision_stem, remat=self.remat, remat_policy=self.remat_policy,
+        scan=self.scan_layers, **kw)
     self.text = BertModel(
         vocab_size=self.vocab_size, width=self.text_width,
         num_layers=self.text_layers + self.fusion_layers, fusion_start=self.text_layers,
