@@ -1,4 +1,4 @@
-"""x2vlm_jax command line: pre-training and evaluation.
+"""x2vlm_jax command line: training (pre-training or fine-tuning) and evaluation.
 
   python main.py --config configs/demo.py --workdir runs/demo
   python main.py --config configs/x2vlm_base.py --workdir runs/base --config.train.total_steps=1000
@@ -21,7 +21,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard.")
-flags.DEFINE_enum("mode", "pretrain", ["pretrain", "eval"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "pretrain", "finetune", "eval"],
+                  "train (pretrain and finetune are the same: the config's tasks say what is "
+                  "trained) or eval (the config's evaluators on --checkpoint).")
 flags.DEFINE_string("checkpoint", None, "--mode eval: an Orbax params dir or a training workdir "
                     "(latest checkpoint); default: --workdir's latest checkpoint.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
@@ -97,11 +99,10 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   from x2vlm_jax import cli
 
-  cli.prepare_demo_data(config)
-  if FLAGS.mode == "pretrain":
-    cli.pretrain(config, FLAGS.workdir)
-  else:
+  if FLAGS.mode == "eval":
     cli.evaluate(config, FLAGS.workdir, FLAGS.checkpoint)
+  else:
+    cli.train(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

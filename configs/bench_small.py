@@ -12,6 +12,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  arg = common.parse_arg(arg, file="configs/bench_small.py")
   config = common.base_config()
   m = config.model
   m.image_res, m.patch_size = 224, 16
@@ -23,14 +24,12 @@ def get_config(arg=None):
   d = config.data
   d.max_tokens = d.max_words = 30
   d.max_masks = 6
-  d.image_text.batch_size = 8  # unused: region batches only
   d.regions.max_images, d.regions.batch_size = 8, 8
 
   t = config.train
-  t.image_text_weight, t.region_weight = 0.0, 1.0
+  t.tasks = {"regions": 1.0}
   t.total_steps = 1000
-  config.optim.total_steps = t.total_steps
   config.optim.warmup_steps = 0.1  # the default (2500 steps) would exceed total_steps
 
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  return common.apply_arg(config, arg)
+  return common.finish(config, arg)

@@ -1,16 +1,20 @@
-"""Shared pieces of the config files: the full default config and `:arg` parsing.
+"""Shared pieces of the config files: the full default config and the one `:arg` grammar.
 
-Every config file returns `base_config()` with its own fields changed. The dict is locked, so a
-misspelt key — in a file or on the command line (`--config.optim.lrr=1`) — fails at start-up.
+Every config file returns `base_config()` with its own fields changed, then `finish(config, arg)`.
+The dict is locked, so a misspelt key — in a file, in its `:arg` or on the command line
+(`--config.optim.lrr=1`) — fails at start-up. Every file takes `:arg` in the same grammar
+(`parse_arg`): `configs/finetune/nlvr2.py:large,model.image_res=448`.
 """
 from __future__ import annotations
 
 import ast
 import difflib
+from typing import Mapping, NamedTuple, Sequence
 
 import ml_collections
 
 from x2vlm_jax import optim, sharding
+from x2vlm_jax import tasks as tasks_lib
 from x2vlm_jax.data import config as data_config_lib
 from x2vlm_jax.models import x2vlm
 
@@ -35,45 +39,21 @@ def set_model_size(model_cfg: ml_collections.ConfigDict, size: str) -> None:
 
 def train_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      total_steps=1000,  # optimizer steps
+      total_steps=1000,  # optimizer steps (the one step count: the lr schedule ends here)
       seed=0,
+      # Which tasks make one step, and their loss weights: one batch of each task per step, the
+      # total loss sum(weight x task loss). Reference pre-training: images 1, regions 1.
+      tasks=ml_collections.ConfigDict(dict(image_text=1.0, regions=1.0)),
+      # Weight of each loss term inside a task (reference: all 1); one entry per term any task
+      # reports (x2vlm_jax/tasks: `Task.loss_terms`).
+      loss_weights=ml_collections.ConfigDict({term: 1.0 for term in tasks_lib.loss_terms()}),
       log_every_steps=50,
       checkpoint_every_steps=1000,
       keep_checkpoints=3,
       async_checkpoints=True,
-      # > 0: also evaluate (config.eval) every this many steps, metrics only (no prediction files);
-      # the evaluation after the last step always runs and writes its files.
-      eval_every_steps=0,
-      # Which batch kinds make one step, and their loss weights (reference pre-training: images 1,
-      # regions 1). Fine-tuning configs set these to 0 and retrieval_weight or grounding_weight to 1.
-      image_text_weight=1.0,
-      region_weight=1.0,
-      retrieval_weight=0.0,  # image-text batches with image ids: ITC (same-image targets) + ITM
-      grounding_weight=0.0,  # {"image", "text", "bbox"} batches: box L1 + GIoU
-      vqa_weight=0.0,  # {"image", "question", "answer"} batches: soft BCE over model.vqa_num_answers
-      nlvr_weight=0.0,  # {"images": [a, b], "sentence", "label"} batches: 2-way cross-entropy
-      # data.vqa batches for the answer decoder (model.vqa_decoder_layers): weighted answer NLL
-      vqa_generative_weight=0.0,
-      # Video (data.video_text / data.video_qa; frames through model.encode_video): video-text
-      # ITC + ITM + MLM (stage-2 pre-training, mixed with image and region batches by these
-      # weights), video retrieval ITC + ITM (MSR-VTT), video QA cross-entropy over the answer list.
-      video_text_weight=0.0,
-      video_retrieval_weight=0.0,
-      video_qa_weight=0.0,
-      # data.captioning batches (COCO captioning as MLM generation, model.mlm_head): the
-      # label-smoothed KL loss at the inserted [MASK]s, smoothing caption_label_smoothing.
-      captioning_weight=0.0,
-      caption_label_smoothing=0.1,
-      # Weight of each loss term inside a batch kind (reference: all 1).
-      loss_weights=ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, bbox_l1=1.0,
-                                                  bbox_giou=1.0, vqa=1.0, nlvr=1.0,
-                                                  vqa_answer=1.0, video_qa=1.0,
-                                                  caption=1.0)),
       # The reference scales the encoders' ITC gradient by 1/world_size (its AllGather backward);
       # 1.0 = the exact gradient of the global loss. Set 1/W to reproduce the reference.
       itc_feature_grad_scale=1.0,
-      # The reference treats repeated (padding) pairs of a region batch as each other's negatives.
-      dedupe_padded_pairs=True,
       max_steps_per_run=0,  # > 0: stop after this many steps in this invocation (tests, preemption)
       # Steps whose loss or gradient is non-finite are always skipped (params and optimizer state
       # kept) and counted; > 0: after this many in a row, checkpoint and stop with NonFiniteError.
@@ -83,96 +63,51 @@ def train_config() -> ml_collections.ConfigDict:
 
 def init_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      checkpoint="",  # Orbax params dir (from tools/convert_checkpoint.py) to start from
-      allow_missing=(),  # fnmatch patterns of params that may be absent (fresh init)
+      # A converted release (tools/convert_checkpoint.py), a params dir or a training workdir to
+      # start from (x2vlm_jax/models/loading.py).
+      checkpoint="",
+      # fnmatch patterns of params that may be absent (fresh init); the heads the trained tasks
+      # add are allowed anyway.
+      allow_missing=(),
       # fnmatch patterns of stored params this model does not have and that are dropped (e.g. the
       # MLM head when fine-tuning from a pre-training checkpoint, as the reference's non-strict load)
       ignore_unexpected=(),
   ))
 
 
-def eval_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      retrieval_file="",  # {"image", "caption": [..]} JSONL for zero-shot retrieval
-      retrieval_image_root="",
-      # {"image", "caption": {lang: [..]}} JSONL (Multi30K / multilingual COCO test): one image set,
-      # TR/IR@k per language as eval/retrieval/<lang>/..., and their mean as eval/retrieval/mean/...
-      multilingual_retrieval_file="",
-      multilingual_retrieval_image_root="",
-      multilingual_retrieval_languages=(),  # () = the languages of the first record
-      # {"image", "text", "bbox"} JSONL files, one per split (val, testA, ...): Acc@0.5 and mIoU
-      # each, as eval/grounding/<file stem>/acc
-      grounding_files=(),
-      grounding_image_root="",
-      grounding_plus_one=False,  # IoU with the "+1 pixel" convention of the RefCOCO evaluation
-      # VQA questions, one file per split (answers from data.vqa.answer_list): accuracy when the
-      # records carry human answers, and vqa_<split>.json predictions (official result format).
-      vqa_files=(),
-      vqa_image_root="",
-      vqa_k_test=128,  # answer decoder: candidates re-scored per question (by first-token prob.)
-      nlvr_files=(),  # NLVR2 examples, one file per split -> accuracy
-      nlvr_image_root="",
-      # {"video", "caption": [..]} JSONL (MSR-VTT 1k-A): TR/IR@1/5/10 as eval/video_retrieval/...,
-      # frames as data.video_text (num_frames; uniform, or fps sampling)
-      video_retrieval_file="",
-      video_k_test=128,  # its ITM re-ranking depth
-      # {"video", "question", "answer"} JSONL, one per split (answers: data.video_qa.answer_list):
-      # accuracy as eval/video_qa/<file stem>/acc (answers outside the list count as wrong)
-      video_qa_files=(),
-      video_root="",  # relative video paths of both are joined to this
-      # {"image", optional "image_id", "caption": [references]} JSONL, one per split: captions
-      # decoded from "[CLS] " + data.captioning.prompt, written as captions_<split>.json (COCO
-      # result format), scored as eval/caption/<split>/bleu_4 and .../cider when references exist
-      caption_files=(),
-      caption_image_root="",
-      caption_beams=3,  # 1: greedy
-      caption_max_length=50,  # generated tokens at most
-      caption_min_length=5,  # [SEP] is forbidden before this many tokens
-      caption_length_penalty=0.0,  # > 0: finished scores / ((5 + length) / 6) ** this
-      k_test=16,  # ITM re-ranking depth (reference: 256 COCO, 128 Flickr)
-      batch_size=32,
-      checkpoint="",  # for --mode eval: Orbax dir (a params-only or a training checkpoint)
-  ))
-
-
-def demo_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      data_dir="",  # non-empty: main.py writes the synthetic demo dataset here if it is missing
-      num_train=2000,
-      num_val=100,
-      image_size=96,
-      seed=0,
-  ))
-
-
 def base_config() -> ml_collections.ConfigDict:
+  """Every field at its default: X2-VLM-base pre-training on image-text and region batches, no
+  evaluation (config files add `config.evals` entries)."""
   config = ml_collections.ConfigDict()
   config.model = x2vlm.model_config()
   config.data = data_config_lib.data_config()
-  config.data.unlock()
+  for name, section in tasks_lib.data_sections().items():
+    config.data[name] = section
   config.optim = optim.optim_config()
   config.mesh = sharding.mesh_config()
   config.sharding_rules = tuple(tuple(rule) for rule in sharding.default_sharding_rules())
   config.train = train_config()
   config.init = init_config()
-  config.eval = eval_config()
-  config.demo = demo_config()
+  config.evals = ml_collections.ConfigDict()
   return config
 
 
-def finetune_config(size: str, image_res: int) -> ml_collections.ConfigDict:
-  """Settings shared by the fine-tuning recipes (REFERENCE_DETAILED.md §4), unlocked.
+def evaluator(type_name: str, **fields) -> ml_collections.ConfigDict:
+  """A `config.evals.<name>` entry of `type_name` (x2vlm_jax/tasks) with `fields` set."""
+  return tasks_lib.evaluator_config(type_name, **fields)
 
-  X2-VLM-`size` at `image_res`; no MLM head (a pre-training checkpoint's is dropped on load, and
-  its relative-position tables are interpolated to `image_res`); no pre-training batch kinds; no
-  gradient clipping; every parameter at `optim.lr` (nothing is new relative to an X2-VLM
-  checkpoint); 10% linear warm-up then linear decay; weight decay 0.01.
-  """
+
+def finetune_config(size: str, image_res: int, task: str) -> ml_collections.ConfigDict:
+  """Settings shared by the fine-tuning recipes (REFERENCE_DETAILED.md §4): X2-VLM-`size` at
+  `image_res` trained on `task` alone; no MLM head (a pre-training checkpoint's is dropped on
+  load, and its relative-position tables are interpolated to `image_res`); no gradient clipping;
+  every parameter at `optim.lr` except those the task adds (lr x lr_mult); 10% linear warm-up
+  then linear decay; weight decay 0.01."""
   config = base_config()
   config.model.image_res = image_res
   set_model_size(config.model, size)
   config.model.mlm_head = False
-  config.train.image_text_weight = config.train.region_weight = 0.0
+  config.train.tasks = {task: 1.0}
   config.init.ignore_unexpected = ["text/mlm_*"]
   config.optim.grad_clip_norm = 0.0
   config.optim.new_param_patterns = []
@@ -181,12 +116,53 @@ def finetune_config(size: str, image_res: int) -> ml_collections.ConfigDict:
   return config
 
 
-def size_arg(arg: str | None) -> str:
-  """`configs/finetune/X.py[:base|large]` -> the model size (default base)."""
-  size = arg or "base"
-  if size not in MODEL_SIZES:
-    raise ValueError(f"config arg {arg!r}: expected one of {sorted(MODEL_SIZES)}")
-  return size
+# ---------------------------------------------------------------------------------- `:arg`
+class ConfigArg(NamedTuple):
+  """A config file's `:arg`, parsed: `file.py:flag,other_flag,key=value,a.b.c=value`."""
+  flags: frozenset[str]  # the bare words
+  options: dict[str, str]  # key=value items whose key is one of the file's own options
+  overrides: tuple[str, ...]  # the other key=value items: config fields, set last
+
+
+def parse_arg(arg: str | None, *, flags: Sequence[str] = (), options: Mapping[str, str] = (),
+              file: str = "the config") -> ConfigArg:
+  """One grammar for every config file: comma-separated items, each a flag the file declares
+  (`large`, `quick`, ...), an option the file declares (`data_dir=PATH`), or a config field
+  override (`model.image_res=384`, typed by the field's default, applied by `finish`). An
+  unknown flag fails naming the accepted ones."""
+  options = dict(options)
+  chosen, values, overrides = set(), dict(options), []
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if not eq:
+      if key not in flags:
+        raise ValueError(f"{file}: unknown arg {key!r}; flags: {', '.join(flags) or 'none'}; "
+                         f"options: {', '.join(f'{k}=...' for k in options) or 'none'}; or "
+                         "field=value")
+      chosen.add(key)
+    elif key in options:
+      values[key] = value
+    else:
+      overrides.append(item)
+  return ConfigArg(frozenset(chosen), values, tuple(overrides))
+
+
+def size_of(arg: ConfigArg, default: str = "base") -> str:
+  """The model size flag of a parsed arg (`base` or `large`; at most one)."""
+  sizes = sorted(arg.flags & set(MODEL_SIZES))
+  if len(sizes) > 1:
+    raise ValueError(f"config arg names two model sizes: {sizes}")
+  return sizes[0] if sizes else default
+
+
+def finish(config: ml_collections.ConfigDict, arg: ConfigArg | None = None
+           ) -> ml_collections.ConfigDict:
+  """Applies the arg's field overrides (typed by their defaults, unknown fields refused) and
+  locks the config: the last line of every config file."""
+  return apply_arg(config, ",".join(arg.overrides) if arg else None)
 
 
 def leaf_paths(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

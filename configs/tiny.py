@@ -1,12 +1,13 @@
 """A tiny X2-VLM for tests and CI (seconds per compile on a CPU).
 
 Widths are divisible by 4 and head/FFN/vocab sizes by 2, so every mesh of 8 devices
-((8,1,1), (2,4,1), (2,2,2)) shards it.
+((8,1,1), (2,4,1), (2,2,2)) shards it. arg: `field=value` overrides.
 """
 from configs import common
 
 
 def get_config(arg=None):
+  arg = common.parse_arg(arg, file="configs/tiny.py")
   config = common.base_config()
   m = config.model
   m.image_res, m.patch_size = 32, 16
@@ -21,5 +22,4 @@ def get_config(arg=None):
   t = config.train
   t.total_steps, t.log_every_steps, t.checkpoint_every_steps = 4, 1, 2
   config.optim.warmup_steps = 1.0
-  config.optim.total_steps = 4
-  return common.apply_arg(config, arg)
+  return common.finish(config, arg)

@@ -9,10 +9,11 @@ from configs import common
 
 
 def get_config(arg=None):
+  arg = common.parse_arg(arg, file="configs/x2vlm_base.py")
   config = common.base_config()
   config.model.image_res = 224
   common.set_model_size(config.model, "base")
   config.optim.lr = 1e-4
   # 4M recipe: 101 "epochs" of 5,114,489 pairs at 1024 per step ~= 504,495 steps, warm-up 2500.
-  config.train.total_steps = config.optim.total_steps = 504_495
-  return common.apply_arg(config, arg)
+  config.train.total_steps = 504_495
+  return common.finish(config, arg)

@@ -26,7 +26,7 @@ def local_parts(config, step: int) -> list[dict]:
   """The two halves of step `step`'s global batches, each as one process's pipeline makes it."""
   from tools import benchmark
 
-  return [benchmark.synthetic_batches(config, KINDS, seed=100 * step + half) for half in range(2)]
+  return [benchmark.synthetic_batches(config, seed=100 * step + half) for half in range(2)]
 
 
 def whole(parts: list[dict], kind: str) -> dict:

@@ -15,9 +15,9 @@ import pytest
 import xla_env
 
 from configs import tiny
-from x2vlm_jax import flops, objectives
+from x2vlm_jax import flops, tasks
 from x2vlm_jax.configs_loader import load_config
-from x2vlm_jax.data import demo, pipeline
+from x2vlm_jax.data import demo
 from x2vlm_jax.models import x2vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,28 +88,27 @@ def test_conv_stem_flops_match_a_hand_count_and_xla():
 
 
 def test_objective_forward_flops_are_near_xla_and_training_is_three_forwards():
-  config = tiny.get_config("train.image_text_weight=0.0")
-  sizes = flops.batch_kind_sizes(config, ("regions",))
-  analytic = flops.forward_flops(config.model, sizes)
-  parts = flops.objective_forward_breakdown(config.model, "regions", sizes["regions"])
-  assert analytic == sum(parts.values())
-  assert flops.train_step_flops(config.model, sizes) == 3 * analytic
+  config = tiny.get_config("train.tasks.image_text=0.0")
+  parts = tasks.forward_flops(config)["regions"]
+  analytic = sum(parts.values())
+  assert tasks.train_step_flops(config) == 3 * analytic
   # The fusion stack runs on 3R rows for ITM (positives, negative images, negative texts) and on
   # R rows for the box head; MLM re-runs the text stack. The cross-attention keys/values of the
   # region rows are computed once for the positive, negative-text and MLM texts.
-  m, r, length = config.model, sizes["regions"].texts, config.data.max_tokens
+  m, r, length = config.model, config.data.regions.batch_size, config.data.max_tokens
   s = flops.vision_tokens(m)
   kv_per_row = m.fusion_layers * 2 * flops.matmul_flops(s, m.text_width, m.vision_width)
   assert parts["box_fusion"] == flops.fusion_flops(m, r, length, s)
   assert parts["itm_fusion"] == 3 * parts["box_fusion"] - r * kv_per_row
   assert parts["mlm_encoder"] == parts["text_encoder"] + parts["box_fusion"] - r * kv_per_row
 
-  bench = _benchmark_module()
-  batch = bench.synthetic_batch(config, "regions", np.random.default_rng(0))
+  task = tasks.get("regions")
+  batch = task.synthetic_batch(config, np.random.default_rng(0))
   batch = {k: v for k, v in batch.items() if k not in ("num_bad_records", "num_records")}
   model = x2vlm.build_model(config.model)
+  loss = lambda m, b, r: task.loss(m, b, r, deterministic=True, config=config)
   xla = _xla_flops(lambda p, b: model.apply({"params": p}, b, jax.random.PRNGKey(0),
-                                            method=objectives.region_objective),
+                                            method=loss),
                    _abstract_params(model), batch)
   assert 0.5 < xla / analytic < 2.0, (xla, analytic)
 
@@ -120,7 +119,7 @@ def test_benchmark_cli_prints_one_json_line(tmp_path):
   env = xla_env.subprocess_env(1)
   proc = subprocess.run(
       [sys.executable, "tools/benchmark.py", "--config",
-       "configs/tiny.py:train.image_text_weight=0.0", "--steps", "2", "--warmup", "1",
+       "configs/tiny.py:train.tasks.image_text=0.0", "--steps", "2", "--warmup", "1",
        "--profile", str(tmp_path / "trace"), "--set", "data.max_tokens=10"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,9 +146,8 @@ def test_benchmark_cli_prints_one_json_line(tmp_path):
   kind_ms = [ms for _, ms in profile["by_kind"]]
   assert kind_ms == sorted(kind_ms, reverse=True)
   assert abs(sum(kind_ms) - profile["op_thread_ms_per_step"]) < 0.1 * len(kind_ms)
-  config = tiny.get_config("train.image_text_weight=0.0,data.max_tokens=10")  # as --set made it
-  assert result["flops_per_step"] == flops.train_step_flops(
-      config.model, flops.batch_kind_sizes(config, ("regions",)))
+  config = tiny.get_config("train.tasks.image_text=0.0,data.max_tokens=10")  # as --set made it
+  assert result["flops_per_step"] == tasks.train_step_flops(config)
 
 
 def test_peak_table():
@@ -160,20 +158,20 @@ def test_peak_table():
   assert bench.peak_tflops("cpu", "float32") is None
 
 
-def test_fine_tuning_kinds_count_what_their_objectives_run():
-  config = tiny.get_config()
+def test_fine_tuning_tasks_count_what_their_objectives_run():
+  config = tiny.get_config("data.retrieval.batch_size=8,data.grounding.batch_size=8")
+  assert config.data.image_text.batch_size == 8 and config.data.max_masks == 3
   m = config.model
-  sizes = flops.BatchSizes(images=8, texts=8, text_len=12, masks=3)
-  pre = flops.objective_forward_breakdown(m, "image_text", sizes)
-  retrieval = flops.objective_forward_breakdown(m, "retrieval", sizes)
+  pre = tasks.get("image_text").forward_flops(config)
+  retrieval = tasks.get("retrieval").forward_flops(config)
   assert retrieval == {k: v for k, v in pre.items() if not k.startswith("mlm")}
-  grounding = flops.objective_forward_breakdown(m, "grounding", sizes)
+  grounding = tasks.get("grounding").forward_flops(config)
   assert sorted(grounding) == ["box_fusion", "box_head", "text_encoder", "vit"]
   kv_per_row = m.fusion_layers * 2 * flops.matmul_flops(flops.vision_tokens(m), m.text_width,
                                                         m.vision_width)
   assert grounding["box_fusion"] * 3 == pre["itm_fusion"] + 8 * kv_per_row  # 8 shared K/V rows
-  with pytest.raises(ValueError):
-    flops.objective_forward_breakdown(m, "vqa", sizes)
+  with pytest.raises(NotImplementedError, match="vqa"):
+    tasks.get("vqa").forward_flops(config)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +180,9 @@ def demo_config(tmp_path_factory):
   paths = demo.make_demo_data(out, num_train=16, num_val=2, image_size=96, seed=0)
   config = load_config(f"configs/demo.py:quick,data_dir={out}")
   config.unlock()
-  config.data.grounding.files = (paths["val_grounding"],)  # same record format as training
+  config.data.retrieval.files = (paths["train_image_text"],)
+  config.data.retrieval.image_root = out
+  config.data.grounding.files = (paths["train_grounding"],)
   config.data.grounding.image_root = out
   config.data.grounding.batch_size = 4
   config.lock()
@@ -192,13 +192,9 @@ def demo_config(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["image_text", "regions", "retrieval", "grounding"])
 def test_synthetic_batch_is_shaped_like_a_pipeline_batch(demo_config, kind):
   config = demo_config
-  makers = {"image_text": pipeline.make_image_text_iterator,
-            "regions": pipeline.make_region_iterator,
-            "retrieval": pipeline.make_image_text_iterator,
-            "grounding": pipeline.make_grounding_iterator}
-  real = next(makers[kind](config.data, image_res=config.model.image_res,
-                           patch_size=config.model.patch_size, seed=0))
-  synthetic = _benchmark_module().synthetic_batch(config, kind, np.random.default_rng(0))
+  task = tasks.get(kind)
+  real = next(task.make_iterator(config, seed=0))
+  synthetic = task.synthetic_batch(config, np.random.default_rng(0))
   assert sorted(synthetic) == sorted(real)
   for key in real:
     assert (synthetic[key].shape, synthetic[key].dtype) == (real[key].shape, real[key].dtype), key

@@ -13,12 +13,11 @@ import pytest
 
 from configs import tiny
 from configs.finetune import demo_tasks
-from x2vlm_jax import cli, losses, objectives
-from x2vlm_jax.data import captioning as captioning_data
+from x2vlm_jax import cli, losses, sharding, tasks
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.evaluate import caption_metrics
-from x2vlm_jax.evaluate import captioning
+from x2vlm_jax.evaluate import caption_metrics, common, generation
 from x2vlm_jax.models import x2vlm
+from x2vlm_jax.tasks import captioning
 
 # ----------------------------------------------------------------------------------- the data
 WORDS = ["a", "picture", "of", "red", "circle", "left", "blue", "square", "."]
@@ -37,8 +36,8 @@ def test_sequence_with_inserted_masks_is_built_by_hand(tokenizer):
   ids = [2, 5, 6, 7, 8, 9, 14, 3]
   assert tokenizer.convert_ids_to_tokens(ids) == [
       "[CLS]", "a", "picture", "of", "red", "circle", "##s", "[SEP]"]
-  ex = captioning_data.build_caption_example(ids, [4, 7], mask_id=4, pad_id=0, ignore_id=2,
-                                             max_tokens=8, max_masks=3)
+  ex = captioning.build_caption_example(ids, [4, 7], mask_id=4, pad_id=0, ignore_id=2,
+                                        max_tokens=8, max_masks=3)
   np.testing.assert_array_equal(ex["text_ids"], [2, 5, 6, 7, 4, 8, 9, 14, 4, 3, 0])
   np.testing.assert_array_equal(ex["position_ids"], [0, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8])
   np.testing.assert_array_equal(ex["masked_pos"], [4, 8, 0])
@@ -57,7 +56,7 @@ def test_sequence_with_inserted_masks_is_built_by_hand(tokenizer):
 
 def test_caption_encoder_masks_only_the_caption(tokenizer):
   masking = text_lib.MaskingConfig(mask_prob=0.6, max_masks=18)
-  enc = captioning_data.CaptionEncoder(tokenizer, "a picture of", 40, 18, masking)
+  enc = captioning.CaptionEncoder(tokenizer, "a picture of", 40, 18, masking)
   caption = "a red circle left of a blue squares ."
   ids = enc.token_ids(caption)
   assert ids[:4] == [2, 5, 6, 7] and ids[-1] == 3 and len(ids) == 15  # squares = square ##s
@@ -71,7 +70,7 @@ def test_caption_encoder_masks_only_the_caption(tokenizer):
     assert positions.min() >= 4  # [CLS] and the prompt are never masked
     np.testing.assert_array_equal(np.asarray(ids)[positions], ex["masked_ids"][:n_masks])
   # Cut to max_tokens: a long caption loses its [SEP] (as the reference).
-  short = captioning_data.CaptionEncoder(tokenizer, "a picture of", 6, 4, masking)
+  short = captioning.CaptionEncoder(tokenizer, "a picture of", 6, 4, masking)
   assert short.token_ids(caption) == [2, 5, 6, 7, 5, 8]
   with pytest.raises(text_lib.EmptyCaptionError):
     enc.token_ids("  ")
@@ -84,7 +83,7 @@ def test_caption_eval_records_merge_images_and_parse_ids(tmp_path):
           {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["d"]},
           {"image": "noid.png", "caption": ["e"]}]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  data = captioning_data.load_caption_eval(str(path), "/root")
+  data = captioning.load_caption_eval(str(path), "/root")
   assert data["image_ids"] == [391895, 12, "noid.png"]
   assert data["image_paths"] == ["/root/val2014/COCO_val2014_000000391895.jpg", "/root/x/img_7.png",
                                  "/root/noid.png"]
@@ -155,20 +154,20 @@ def _random_tables(vocab, batch, seed):
 def _beam(tables, batch, k, max_length, min_length, **kw):
   prev, prev2, bias = tables
   fn = _fake_model(prev, prev2, np.repeat(bias, k, axis=0))
-  out = jax.jit(lambda: captioning.beam_search(
+  out = jax.jit(lambda: generation.beam_search(
       fn, PROMPT, batch, num_beams=k, max_length=max_length, min_length=min_length, eos_id=EOS,
       mask_id=MASK, pad_id=PAD, **kw))()
-  return out, captioning.best_sequences(out, eos_id=EOS,
+  return out, generation.best_sequences(out, eos_id=EOS,
                                         length_penalty=kw.get("length_penalty", 0.0))
 
 
 def _greedy(tables, batch, max_length, min_length, **kw):
   prev, prev2, bias = tables
   fn = _fake_model(prev, prev2, bias)
-  tokens, steps = jax.jit(lambda: captioning.greedy_search(
+  tokens, steps = jax.jit(lambda: generation.greedy_search(
       fn, PROMPT, batch, max_length=max_length, min_length=min_length, eos_id=EOS, mask_id=MASK,
       pad_id=PAD, **kw))()
-  return captioning.greedy_sequences(np.asarray(tokens), int(steps), eos_id=EOS)
+  return generation.greedy_sequences(np.asarray(tokens), int(steps), eos_id=EOS)
 
 
 def _reference_beam_search(tables, batch, k, max_length, min_length, length_penalty=0.0):
@@ -183,7 +182,7 @@ def _reference_beam_search(tables, batch, k, max_length, min_length, length_pena
     ids[0, len(seq)] = MASK
     return np.asarray(single[b](jnp.asarray(ids), len(seq)))[0]
 
-  neg = np.float32(captioning.NEG)
+  neg = np.float32(generation.NEG)
   seqs = [[list(PROMPT)] for _ in range(batch)]
   total_scores, beam_masks, step_ids, step_ptrs, forbid = [], [], [], [], None
   for step in range(max_length):
@@ -295,14 +294,14 @@ def test_min_length_and_repeated_trigrams_are_forbidden():
     trigrams = [tuple(seq[i:i + 3]) for i in range(len(seq) - 2)]
     assert len(trigrams) == len(set(trigrams)) and len(seq) == 8, seq
   gen = jnp.array([[6, 7, 6, 7, 0, 0]])
-  forbidden = captioning.repeated_trigram_tokens(gen, jnp.int32(4), vocab)
+  forbidden = generation.repeated_trigram_tokens(gen, jnp.int32(4), vocab)
   # The last two tokens "6 7" already occur at the start, followed by 6: 6 is forbidden.
   assert np.flatnonzero(np.asarray(forbidden[0])).tolist() == [6]
 
 
-def test_decode_caption_skips_specials_and_merges_pieces(tokenizer):
+def test_decode_text_skips_specials_and_merges_pieces(tokenizer):
   ids = [2, 5, 8, 12, 14, 13, 3, 0]  # [CLS] a red square ##s . [SEP] [PAD]
-  assert captioning.decode_caption(tokenizer, ids) == "a red squares."
+  assert generation.decode_text(tokenizer, ids) == "a red squares."
 
 
 # ----------------------------------------------------------------------------------- a model
@@ -319,7 +318,7 @@ def test_a_tiny_model_learns_to_caption_two_images():
   examples = []
   for cap in captions:
     ids = prompt + cap + [sep]
-    examples.append(captioning_data.build_caption_example(
+    examples.append(captioning.build_caption_example(
         ids, range(3, len(ids)), mask_id=mask, pad_id=pad, ignore_id=cls, max_tokens=7,
         max_masks=4))
   batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
@@ -331,7 +330,8 @@ def test_a_tiny_model_learns_to_caption_two_images():
   @jax.jit
   def step(p, o):
     loss, g = jax.value_and_grad(lambda q: model.apply(
-        {"params": q}, batch, None, method=objectives.captioning_objective)["caption"])(p)
+        {"params": q}, batch, None, method=lambda m, b, r: captioning.TASK.loss(
+            m, b, r, deterministic=True, config=cfg))["caption"])(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
@@ -340,39 +340,55 @@ def test_a_tiny_model_learns_to_caption_two_images():
     params, opt, loss = step(params, opt)
     history.append(float(loss))
   assert history[-1] < 0.25 * history[0], history[::10]
-  before = captioning.TRACE_COUNTS["captions_beam1"]
+  before = common.TRACE_COUNTS["captions_beam1"]
   rules = dict(max_length=5, min_length=1, eos_id=sep, mask_id=mask, pad_id=pad, vocab_size=30)
   greedy_fn = captioning.make_caption_fn(model, prompt, num_beams=1, **rules)
   for _ in range(2):  # compiled once
     tokens, steps = greedy_fn(params, jnp.asarray(images))
-  assert captioning.TRACE_COUNTS["captions_beam1"] == before + 1
+  assert common.TRACE_COUNTS["captions_beam1"] == before + 1
   expected = [c + [sep] for c in captions]
-  assert captioning.greedy_sequences(np.asarray(tokens), int(steps), eos_id=sep) == expected
-  beam = captioning.make_caption_fn(model, prompt, num_beams=2, **rules)(params, jnp.asarray(images))
-  assert captioning.best_sequences(beam, eos_id=sep) == expected
+  assert generation.greedy_sequences(np.asarray(tokens), int(steps), eos_id=sep) == expected
+  beam_fn = captioning.make_caption_fn(model, prompt, num_beams=2, **rules)
+  beam = beam_fn(params, jnp.asarray(images))
+  assert generation.best_sequences(beam, eos_id=sep) == expected
 
 
 # ----------------------------------------------------------------------------------- the CLI
 def test_captioning_fine_tunes_and_evaluates_from_the_demo_config(tmp_path):
   data_dir = str(tmp_path / "demo_data")
-  config = demo_tasks.get_config(f"caption,quick,data_dir={data_dir}")
-  cli.prepare_demo_data(config)
+  config = demo_tasks.get_config(f"captioning,quick,data_dir={data_dir}")  # writes the data
   workdir = str(tmp_path / "caption")
-  results = cli.pretrain(config, workdir)
-  predictions = json.load(open(os.path.join(workdir, "captions_val_retrieval.json")))
+  results = cli.train(config, workdir)
+  predictions = json.load(open(os.path.join(workdir, "captioning_val_retrieval.json")))
   val = [json.loads(line) for line in open(os.path.join(data_dir, "val_retrieval.jsonl"))]
   assert [p["image_id"] for p in predictions] == list(range(len(val)))
   assert all(isinstance(p["caption"], str) for p in predictions)
   # The written captions, scored against the references, give the logged numbers.
   refs = {i: r["caption"] for i, r in enumerate(val)}
   scored = caption_metrics.score_captions(refs, {p["image_id"]: p["caption"] for p in predictions})
-  assert scored["cider"] == pytest.approx(results["eval/caption/val_retrieval/cider"], abs=1e-9)
-  assert scored["bleu_4"] == pytest.approx(results["eval/caption/val_retrieval/bleu_4"], abs=1e-9)
+  split = "eval/captioning/val_retrieval"
+  assert scored["cider"] == pytest.approx(results[f"{split}/cider"], abs=1e-9)
+  assert scored["bleu_4"] == pytest.approx(results[f"{split}/bleu_4"], abs=1e-9)
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   caption_losses = [r["captioning/caption"] for r in records if "captioning/caption" in r]
   assert len(caption_losses) == 3 and all(np.isfinite(caption_losses))
-  # The MLM head is required.
+  # The evaluator compiles its decoder once: two runs over two batches (the last one padded).
   config.unlock()
+  config.evals.captioning.batch_size = 8
+  model, params, _ = cli.load_for_eval(config, workdir)
+  evaluator = tasks.make_evaluators(config, model, sharding.make_mesh(config.mesh))["captioning"]
+  before = common.TRACE_COUNTS["captions_beam3"]
+  first, second = evaluator.run(params), evaluator.run(params)
+  assert common.TRACE_COUNTS["captions_beam3"] == before + 1 and first == second
+  # The decoded sequence must fit the position table: [CLS] a picture of + 29 > 32.
+  config.evals.captioning.max_length = 29
+  with pytest.raises(ValueError, match=r"config.evals.captioning.max_length 29 .* exceed "
+                                       r"config.model.max_position 32"):
+    tasks.make_evaluators(config, model)
+  config.evals.captioning.max_length = 16
+  # The MLM head is required.
   config.model.mlm_head = False
   with pytest.raises(ValueError, match="needs config.model.mlm_head = True"):
-    cli.pretrain(config, str(tmp_path / "bad"))
+    cli.train(config, str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="needs config.model.mlm_head = True"):
+    tasks.make_evaluators(config, tasks.build_model(config))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from x2vlm_jax.data import config as data_config_lib
+from configs import common
+from x2vlm_jax import tasks
 from x2vlm_jax.data import pipeline
 
 FIXTURE_VOCAB = os.path.join(os.path.dirname(__file__), "fixtures", "pretrain_tiny", "vocab.txt")
@@ -47,7 +48,10 @@ def _write_images(root):
 
 
 def _cfg(files, root, **kw):
-  cfg = data_config_lib.data_config()
+  """A full config (unlocked) at R px; `kw` are config.data fields."""
+  config = common.base_config()
+  config.model.image_res, config.model.patch_size = R, PATCH
+  cfg = config.data
   cfg.vocab_path = FIXTURE_VOCAB
   cfg.max_tokens = 12
   cfg.max_masks = 4
@@ -63,7 +67,7 @@ def _cfg(files, root, **kw):
     for p in parents:
       node = node[p]
     node[leaf] = v
-  return cfg
+  return config
 
 
 def _write_lines(path, lines):
@@ -107,7 +111,7 @@ def test_image_text_bad_records_are_skipped_and_counted(tmp_path, caplog):
   cfg = _cfg([str(path)], tmp_path, **{"image_text.batch_size": n_good, "prefetch": 0,
                                        "max_image_pixels": 10_000})
   with caplog.at_level(logging.WARNING):
-    it = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+    it = tasks.get("image_text").make_iterator(cfg, seed=0)
     batch = next(it)
   assert batch["image"].shape == (n_good, R, R, 3)  # full batch
   assert np.isfinite(batch["image"]).all()
@@ -159,7 +163,7 @@ def test_region_bad_records_and_bad_elements(tmp_path, caplog):
   _write_lines(path, lines)
   cfg = _cfg([str(path)], tmp_path, **{"regions.max_images": 3, "regions.batch_size": 6})
   with caplog.at_level(logging.WARNING):
-    it = pipeline.make_region_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+    it = tasks.get("regions").make_iterator(cfg, seed=0)
     batch = next(it)
   assert batch["image"].shape == (3, R, R, 3) and batch["text_ids"].shape == (6, 12)
   assert int(batch["num_records"]) == 7 and int(batch["num_bad_records"]) == 4
@@ -181,7 +185,7 @@ def test_bad_data_error_after_min_records(tmp_path):
   # 75% bad is tolerated below min_records_before_abort ...
   cfg = _cfg([str(path)], tmp_path, max_bad_fraction=0.5, min_records_before_abort=1000,
              **{"image_text.batch_size": 2})
-  it = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it = tasks.get("image_text").make_iterator(cfg, seed=0)
   batches = [next(it) for _ in range(3)]
   # G B B B | G B B B G | B B B G: 5 + 8 + 8 records, 3 + 6 + 6 bad.
   assert sum(int(b["num_bad_records"]) for b in batches) == 15
@@ -190,7 +194,7 @@ def test_bad_data_error_after_min_records(tmp_path):
   # ... and stops the run once enough records were seen.
   cfg = _cfg([str(path)], tmp_path, max_bad_fraction=0.5, min_records_before_abort=8,
              **{"image_text.batch_size": 2})
-  it = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it = tasks.get("image_text").make_iterator(cfg, seed=0)
   with pytest.raises(pipeline.BadDataError) as err:
     for _ in range(3):
       next(it)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from x2vlm_jax.data import boxes as box_ops
+from x2vlm_jax import boxes as box_ops
 from x2vlm_jax.data import image_ops
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "pretrain_tiny", "inputs.npz")

@@ -5,14 +5,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from x2vlm_jax.data import boxes as box_ops
+from configs import common
+from x2vlm_jax import boxes as box_ops
+from x2vlm_jax import tasks
 from x2vlm_jax.data import config as data_config_lib
 from x2vlm_jax.data import demo
+from x2vlm_jax.data import eval_data
 from x2vlm_jax.data import examples as examples_lib
 from x2vlm_jax.data import image_ops
-from x2vlm_jax.data import pipeline
 from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
+from x2vlm_jax.tasks import grounding, retrieval
 
 R, PATCH = 32, 16
 
@@ -24,7 +27,10 @@ def demo_dir(tmp_path_factory):
 
 
 def _cfg(paths, **overrides):
-  cfg = data_config_lib.data_config()
+  """A full config (unlocked) reading the demo files at R px; `overrides` are config.data fields."""
+  config = common.base_config()
+  config.model.image_res, config.model.patch_size = R, PATCH
+  cfg = config.data
   cfg.vocab_path = paths["vocab"]
   cfg.max_tokens = 16
   cfg.max_words = 16
@@ -43,7 +49,11 @@ def _cfg(paths, **overrides):
     for p in parents:
       node = node[p]
     node[leaf] = v
-  return cfg
+  return config
+
+
+def _iterator(config, task, seed=0):
+  return tasks.get(task).make_iterator(config, seed=seed)
 
 
 def _same(a, b):
@@ -53,7 +63,9 @@ def _same(a, b):
 
 
 def test_config_is_typed_and_locked():
-  cfg = data_config_lib.data_config()
+  cfg = common.base_config().data
+  cfg.lock()
+  assert data_config_lib.data_config().max_tokens == 40
   assert cfg.max_tokens == 40 and cfg.mask_prob == 0.5 and cfg.regions.max_regions == 5
   assert cfg.image_text.files == () and cfg.swap_left_right_on_flip
   with pytest.raises(AttributeError):
@@ -64,7 +76,7 @@ def test_config_is_typed_and_locked():
 
 def test_image_text_batch(demo_dir):
   cfg = _cfg(demo_dir)
-  it = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it = _iterator(cfg, "image_text")
   batch = next(it)
   shapes = {k: (v.shape, v.dtype.name) for k, v in batch.items()}
   assert shapes == {
@@ -94,7 +106,7 @@ def test_image_text_batch(demo_dir):
 
 def test_determinism_and_state_round_trip(demo_dir):
   cfg = _cfg(demo_dir)
-  make = lambda seed: pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=seed)
+  make = lambda seed: _iterator(cfg, "image_text", seed)
   a, b, c = make(3), make(3), make(4)
   first_a, first_b, first_c = next(a), next(b), next(c)
   _same(first_a, first_b)
@@ -113,7 +125,7 @@ def test_determinism_and_state_round_trip(demo_dir):
 
 def test_region_batch_fields(demo_dir):
   cfg = _cfg(demo_dir)
-  it = pipeline.make_region_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it = _iterator(cfg, "regions")
   batch = next(it)
   p1 = 1 + (R // PATCH) ** 2
   shapes = {k: v.shape for k, v in batch.items()}
@@ -143,7 +155,7 @@ def test_region_padding_repeats_pairs_with_same_pair_id(demo_dir):
   # 1 image x at most 2 pairs (its caption + one shape) padded to 6 rows.
   cfg = _cfg(demo_dir, **{"regions.max_images": 1, "regions.max_regions": 2,
                           "regions.batch_size": 6})
-  it = pipeline.make_region_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it = _iterator(cfg, "regions")
   for _ in range(3):
     batch = next(it)
     ids = batch["pair_id"]
@@ -157,7 +169,7 @@ def test_region_padding_repeats_pairs_with_same_pair_id(demo_dir):
   it.close()
   # More pairs than rows: sampled without replacement, every pair_id distinct.
   cfg = _cfg(demo_dir, **{"regions.max_images": 3, "regions.batch_size": 4})
-  it = pipeline.make_region_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it = _iterator(cfg, "regions")
   ids = next(it)["pair_id"]
   assert len(set(ids.tolist())) == 4
   it.close()
@@ -168,7 +180,7 @@ def _region_processor(tmp_path, hflip_prob, caption="circle on the left", image_
   rec = {"image": "r.png", "elems": [{"bbox": [10, 4, 8, 6], "caption": caption}]}
   if image_caption:
     rec["caption"] = image_caption
-  cfg = data_config_lib.data_config()
+  cfg = common.base_config().data
   cfg.max_tokens = 16
   cfg.regions.image_root = str(tmp_path)
   cfg.regions.hflip_prob = hflip_prob
@@ -179,7 +191,7 @@ def _region_processor(tmp_path, hflip_prob, caption="circle on the left", image_
                                 "the", "left", "right", "a", "scene"]) + "\n")
   enc = text_lib.TextEncoder.from_config(cfg, text_lib.load_tokenizer(str(vocab)))
   raw = records.RawRecord("mem:1", json.dumps(rec).encode())
-  return examples_lib.RegionProcessor(cfg, 64, 16, enc), raw
+  return examples_lib.RegionProcessor(cfg, cfg.regions, 64, 16, enc), raw
 
 
 def test_region_flip_target_by_hand(tmp_path, monkeypatch):
@@ -226,9 +238,9 @@ def test_swap_left_right_can_be_disabled(tmp_path, monkeypatch):
 
 def test_worker_processes_match_in_process(demo_dir):
   cfg = _cfg(demo_dir)
-  it0 = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
-  cfg.num_workers = 1
-  it1 = pipeline.make_image_text_iterator(cfg, image_res=R, patch_size=PATCH, seed=0)
+  it0 = _iterator(cfg, "image_text")
+  cfg.data.num_workers = 1
+  it1 = _iterator(cfg, "image_text")
   for _ in range(2):
     _same(next(it0), next(it1))
   it0.close()
@@ -237,41 +249,43 @@ def test_worker_processes_match_in_process(demo_dir):
 
 def test_retrieval_eval(demo_dir):
   tok = text_lib.load_tokenizer(demo_dir["vocab"])
-  out = pipeline.load_retrieval_eval(demo_dir["val_retrieval"], demo_dir["image_root"], R, tok, 16)
+  out = retrieval.load_retrieval_eval(demo_dir["val_retrieval"], demo_dir["image_root"], R, tok,
+                                     16)
   recs = [json.loads(l) for l in open(demo_dir["val_retrieval"])]
   n_txt = sum(len(r["caption"]) for r in recs)
-  assert out["images"].shape == (4, R, R, 3) and out["images"].dtype == np.float32
+  images = out["images"][0:4]  # decoded when sliced (a batch at a time)
+  assert len(out["images"]) == 4
+  assert images.shape == (4, R, R, 3) and images.dtype == np.float32
   assert out["text_ids"].shape == (n_txt, 16) and out["text_atts"].shape == (n_txt, 16)
   assert out["txt2img"].dtype == np.int32
   for i, txts in enumerate(out["img2txt"]):
     assert (out["txt2img"][txts] == i).all() and len(txts) == len(recs[i]["caption"])
   want = image_ops.normalize(image_ops.resize_square(
       Image.open(f"{demo_dir['image_root']}/{recs[1]['image']}").convert("RGB"), R))
-  np.testing.assert_array_equal(out["images"][1], want)
+  np.testing.assert_array_equal(images[1], want)
+  np.testing.assert_array_equal(out["images"][1:2][0], want)
   first = text_lib.add_specials(tok.encode(recs[0]["caption"][0]), tok, 16)
   np.testing.assert_array_equal(out["text_ids"][0, : len(first)], first)
-  again = pipeline.load_retrieval_eval(demo_dir["val_retrieval"], demo_dir["image_root"], R,
-                                       demo_dir["vocab"], 16)
-  np.testing.assert_array_equal(again["images"], out["images"])
+  again = retrieval.load_retrieval_eval(demo_dir["val_retrieval"], demo_dir["image_root"], R,
+                                        demo_dir["vocab"], 16)
+  np.testing.assert_array_equal(again["images"][0:4], images)
 
 
 def test_grounding_eval(demo_dir, tmp_path):
-  out = pipeline.load_grounding_eval(demo_dir["val_grounding"], demo_dir["image_root"], R,
-                                     demo_dir["vocab"], 16)
+  out = grounding.load_grounding_eval(demo_dir["val_grounding"], demo_dir["image_root"], R,
+                                      demo_dir["vocab"], 16)
   recs = [json.loads(l) for l in open(demo_dir["val_grounding"])]
-  assert out["images"].shape == (len(recs), R, R, 3)
+  assert out["images"][0:len(recs)].shape == (len(recs), R, R, 3)
   np.testing.assert_array_equal(out["bbox_xywh"], [r["bbox"] for r in recs])
-  np.testing.assert_array_equal(out["image_size"], np.tile([48, 48], (len(recs), 1)))
+  np.testing.assert_array_equal(out["images"].sizes, np.tile([48, 48], (len(recs), 1)))
   assert out["text_ids"].shape == (len(recs), 16)
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"image": "missing.png", "text": "a", "bbox": [0, 0, 1, 1]}) + "\n")
-  with pytest.raises(pipeline.BadDataError, match=f"{bad}:1"):
-    pipeline.load_grounding_eval(str(bad), str(tmp_path), R, demo_dir["vocab"], 16)
+  with pytest.raises(eval_data.BadDataError, match=f"{bad}:1: no file .*missing.png"):
+    grounding.load_grounding_eval(str(bad), str(tmp_path), R, demo_dir["vocab"], 16)
 
 
 def test_iter_eval_images_pads_the_last_batch(demo_dir):
-  from x2vlm_jax.data import eval_data
-
   recs = [json.loads(l) for l in open(demo_dir["val_retrieval"])]
   paths = [f"{demo_dir['image_root']}/{r['image']}" for r in recs]
   full, _ = eval_data.load_eval_images(paths, R)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from x2vlm_jax.data import config as data_config_lib
+from configs import common
 from x2vlm_jax.data import examples as examples_lib
 from x2vlm_jax.data import pipeline
 from x2vlm_jax.data import records
@@ -93,11 +93,11 @@ def test_tfds_adapter_feeds_the_image_text_processor():
   raw = src[0]
   assert raw.where == "tfds:fake:train:0"
   assert raw.data["caption"] == ["a dog on the left"] and raw.data["image"].shape == (20, 30, 3)
-  cfg = data_config_lib.data_config()
+  cfg = common.base_config().data
   cfg.max_tokens = 12
   cfg.image_text.hflip_prob = 0.0
   enc = text_lib.TextEncoder.from_config(cfg, text_lib.load_tokenizer(FIXTURE_VOCAB))
-  proc = examples_lib.ImageTextProcessor(cfg, 32, 16, enc)
+  proc = examples_lib.ImageTextProcessor(cfg, cfg.image_text, 32, 16, enc)
   ex = proc(raw, np.random.default_rng(0))
   assert not examples_lib.is_bad(ex)
   assert ex["image"].shape == (32, 32, 3)
@@ -126,7 +126,7 @@ def test_validate_data_tool_reports_bad_lines(tmp_path):
   path.write_text(json.dumps({"image": "ok.png", "caption": "a dog"}) + "\n"
                   + json.dumps({"image": "gone.png", "caption": "a dog"}) + "\n{oops\n")
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", "validate_data.py"), "--kind", "image_text",
+      [sys.executable, os.path.join(ROOT, "tools", "validate_data.py"), "--task", "image_text",
        "--files", str(path), "--image_root", str(tmp_path), "--vocab", FIXTURE_VOCAB,
        "--image_res", "32"], capture_output=True, text=True)
   assert proc.returncode == 1, proc.stderr

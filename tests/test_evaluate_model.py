@@ -11,9 +11,11 @@ from PIL import Image
 
 from configs import tiny
 from x2vlm_jax import sharding
-from x2vlm_jax.evaluate import grounding, retrieval
+from x2vlm_jax.evaluate import common, retrieval
 from x2vlm_jax.evaluate import retrieval_metrics as metrics_lib
 from x2vlm_jax.models import x2vlm
+from x2vlm_jax.tasks import grounding
+from x2vlm_jax.tasks import retrieval as retrieval_task
 
 N_IMG, N_TXT, L, K = 6, 12, 12, 3
 BATCH = 4  # 6 images / 12 texts / 18 and 36 pairs: the last batch of images and of pairs padded
@@ -81,12 +83,12 @@ def _brute_force(model, params, data, k):
 @pytest.fixture(scope="module")
 def retrieval_run(tiny_model, retrieval_data):
   model, params = tiny_model
-  before = dict(retrieval.TRACE_COUNTS)
+  before = dict(common.TRACE_COUNTS)
   lines = []
   metrics, s_i2t, s_t2i = retrieval.evaluate_retrieval(
       model, params, retrieval_data, k_test=K, batch_size=BATCH, include_itc=True,
       log_fn=lines.append)
-  traces = {k: v - before.get(k, 0) for k, v in retrieval.TRACE_COUNTS.items()
+  traces = {k: v - before.get(k, 0) for k, v in common.TRACE_COUNTS.items()
             if v != before.get(k, 0)}  # functions traced by earlier tests are not counted
   return metrics, s_i2t, s_t2i, traces, lines
 
@@ -128,10 +130,10 @@ def test_whole_image_rows_share_keys_and_values_and_score_the_same(tiny_model, r
   """batch_size a multiple of k: image->text pairs go to the fusion layers one image per k texts
   (a second, grouped shape of the pair scorer) with the same scores as pair by pair."""
   model, params = tiny_model
-  before = retrieval.TRACE_COUNTS["pair_itm"]
+  before = common.TRACE_COUNTS["pair_itm"]
   _, s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, retrieval_data, k_test=K,
                                                  batch_size=2 * K, log_fn=lambda line: None)
-  assert retrieval.TRACE_COUNTS["pair_itm"] - before == 2  # grouped i2t + pairwise t2i
+  assert common.TRACE_COUNTS["pair_itm"] - before == 2  # grouped i2t + pairwise t2i
   _, want_i2t, want_t2i = brute
   np.testing.assert_allclose(s_i2t, want_i2t, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(s_t2i, want_t2i, atol=2e-5, rtol=1e-5)
@@ -226,9 +228,9 @@ def test_grounding_equals_brute_force_on_non_square_images(tiny_model):
   gt[[1, 4], 0] += 10 * gt[[1, 4], 2]
   data = dict(images=images, text_ids=ids, text_atts=atts, bbox_xywh=gt.astype(np.float32),
               image_size=sizes)
-  before = retrieval.TRACE_COUNTS["grounding_boxes"]
+  before = common.TRACE_COUNTS["grounding_boxes"]
   metrics, pred = grounding.evaluate_grounding(model, params, data, batch_size=2)
-  assert retrieval.TRACE_COUNTS["grounding_boxes"] - before == 1  # 3 batches, last padded
+  assert common.TRACE_COUNTS["grounding_boxes"] - before == 1  # 3 batches, last padded
   assert pred.shape == (n, 4)
   np.testing.assert_allclose(pred, want, rtol=1e-5, atol=1e-3)
   assert metrics["grounding_acc"] == pytest.approx(60.0)
@@ -245,7 +247,6 @@ def test_grounding_equals_brute_force_on_non_square_images(tiny_model):
 
 
 def test_end_to_end_from_files(tiny_model, tmp_path):
-  eval_data = pytest.importorskip("x2vlm_jax.data.eval_data")
   model, params = tiny_model
   words = ["red", "green", "blue", "circle", "square", "a", "on", "the"]
   (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -256,9 +257,10 @@ def test_end_to_end_from_files(tiny_model, tmp_path):
       Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
       caps = [f"a {words[i]} circle", f"the {words[i]} square on a circle"][: 1 + i % 2]
       f.write(json.dumps({"image": f"{i}.png", "caption": caps}) + "\n")
-  data = eval_data.load_retrieval_eval(str(tmp_path / "test.jsonl"), str(tmp_path), 32,
-                                       str(tmp_path / "vocab.txt"), L)
-  assert data["images"].shape == (3, 32, 32, 3) and len(data["text_ids"]) == 4
+  data = retrieval_task.load_retrieval_eval(str(tmp_path / "test.jsonl"), str(tmp_path), 32,
+                                            str(tmp_path / "vocab.txt"), L)
+  assert data["images"][0:3].shape == (3, 32, 32, 3) and len(data["text_ids"]) == 4
+  np.testing.assert_array_equal(data["images"].sizes, [[40, 30], [32, 64], [50, 50]])
   metrics, s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, data, k_test=2,
                                                        batch_size=BATCH)
   assert s_i2t.shape == (3, 4) and s_t2i.shape == (4, 3)

@@ -8,15 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
-from x2vlm_jax import checkpoint, convert, losses, objectives, train
-from x2vlm_jax.data import config as data_config_lib
+from configs import common, tiny
+from x2vlm_jax import checkpoint, convert, losses, tasks, train
 from x2vlm_jax.data import demo
 from x2vlm_jax.data import examples as examples_lib
-from x2vlm_jax.data import pipeline, records
+from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.evaluate import from_config
-from x2vlm_jax.models import x2vlm
+from x2vlm_jax.evaluate import common as eval_common
+from x2vlm_jax.evaluate import retrieval as retrieval_engine
+from x2vlm_jax.models import loading, x2vlm
+from x2vlm_jax.tasks import grounding
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,11 @@ def demo_paths(tmp_path_factory):
   return demo.make_demo_data(str(out), num_train=16, num_val=4, image_size=48, seed=0)
 
 
-def _data_cfg(paths, **grounding):
-  cfg = data_config_lib.data_config()
+def _config(paths, **grounding_fields):
+  """A full config (unlocked) reading the demo files, 32 px images in 16 px patches."""
+  config = common.base_config()
+  config.model.image_res, config.model.patch_size = 32, 16
+  cfg = config.data
   cfg.vocab_path = paths["vocab"]
   cfg.max_tokens = cfg.max_words = 12
   cfg.max_masks = 3
@@ -36,9 +40,9 @@ def _data_cfg(paths, **grounding):
   cfg.grounding.files = [paths["train_grounding"]]
   cfg.grounding.image_root = paths["image_root"]
   cfg.grounding.batch_size = 4
-  for k, v in grounding.items():
+  for k, v in grounding_fields.items():
     cfg.grounding[k] = v
-  return cfg
+  return config
 
 
 # ------------------------------------------------------------------------------ data
@@ -60,9 +64,9 @@ def test_json_list_files_are_read_like_jsonl(tmp_path):
 
 
 def test_captions_of_one_image_share_an_image_idx(demo_paths):
-  cfg = _data_cfg(demo_paths)
+  cfg = _config(demo_paths).data
   encoder = text_lib.TextEncoder.from_config(cfg)
-  proc = examples_lib.ImageTextProcessor(cfg, 32, 16, encoder)
+  proc = examples_lib.ImageTextProcessor(cfg, cfg.image_text, 32, 16, encoder)
   rng = np.random.default_rng(0)
 
   def idx(rec):
@@ -78,20 +82,21 @@ def test_captions_of_one_image_share_an_image_idx(demo_paths):
 
 
 def test_grounding_examples_keep_and_mirror_the_box(demo_paths, tmp_path):
-  cfg = _data_cfg(demo_paths, random_crop=False, randaug=False, hflip_prob=0.0)
+  cfg = _config(demo_paths, random_crop=False, randaug=False, hflip_prob=0.0).data
   encoder = text_lib.TextEncoder.from_config(cfg)
   rec = json.loads(open(demo_paths["train_grounding"]).readline())
   rec["text"] = "the shape on the left"
   x, y, w, h = rec["bbox"]
   expected = np.array([(x + w / 2) / 48, (y + h / 2) / 48, w / 48, h / 48], np.float32)
   rng = np.random.default_rng(0)
-  plain = examples_lib.GroundingProcessor(cfg, 32, 16, encoder)(records.RawRecord("g:1", rec), rng)
+  plain = grounding.GroundingProcessor(cfg, cfg.grounding, 32, 16, encoder)(
+      records.RawRecord("g:1", rec), rng)
   np.testing.assert_allclose(plain["target_bbox"], expected, atol=1e-6)
   assert plain["image"].shape == (32, 32, 3) and set(plain) >= {"text_ids", "text_atts"}
 
   cfg.grounding.hflip_prob = 1.0
-  flipped = examples_lib.GroundingProcessor(cfg, 32, 16, encoder)(records.RawRecord("g:1", rec),
-                                                                   rng)
+  flipped = grounding.GroundingProcessor(cfg, cfg.grounding, 32, 16, encoder)(
+      records.RawRecord("g:1", rec), rng)
   np.testing.assert_allclose(flipped["target_bbox"], [1 - expected[0], *expected[1:]], atol=1e-6)
   np.testing.assert_allclose(flipped["image"], plain["image"][:, ::-1], atol=1e-5)
   tok = text_lib.load_tokenizer(demo_paths["vocab"])
@@ -101,13 +106,13 @@ def test_grounding_examples_keep_and_mirror_the_box(demo_paths, tmp_path):
   for bad, reason in (({"image": rec["image"], "text": "x", "bbox": [1, 2]}, "bbox"),
                       ({"image": rec["image"], "bbox": rec["bbox"]}, "text"),
                       ({"image": rec["image"], "text": "x", "bbox": [500, 500, 4, 4]}, "outside")):
-    out = examples_lib.GroundingProcessor(cfg, 32, 16, encoder)(records.RawRecord("g:9", bad), rng)
+    out = grounding.GroundingProcessor(cfg, cfg.grounding, 32, 16, encoder)(
+        records.RawRecord("g:9", bad), rng)
     assert examples_lib.is_bad(out) and reason in out.reason and out.where == "g:9"
 
 
 def test_grounding_iterator_batches(demo_paths):
-  cfg = _data_cfg(demo_paths)
-  batch = next(pipeline.make_grounding_iterator(cfg, image_res=32, patch_size=16, seed=0))
+  batch = next(tasks.get("grounding").make_iterator(_config(demo_paths), seed=0))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["text_ids"].shape == (4, 12)
   assert batch["target_bbox"].shape == (4, 4) and int(batch["num_bad_records"]) == 0
   assert ((batch["target_bbox"] > 0) & (batch["target_bbox"] <= 1)).all()
@@ -122,6 +127,12 @@ def tiny_model_params():
   return config, model, params
 
 
+def _task_loss(name, config):
+  """The task's objective as a `method=` for `model.apply` (deterministic)."""
+  task = tasks.get(name)
+  return lambda m, b, r: task.loss(m, b, r, deterministic=True, config=config)
+
+
 def _retrieval_batch(rng, config, image_idx):
   m, n = config.model, len(image_idx)
   ids = rng.integers(5, m.vocab_size, size=(n, 6)).astype(np.int32)
@@ -134,7 +145,7 @@ def test_retrieval_objective_uses_same_image_targets(tiny_model_params):
   config, model, params = tiny_model_params
   batch = _retrieval_batch(np.random.default_rng(0), config, [5, 5, 9, 9, 9, 3])
   out = model.apply({"params": params}, batch, jax.random.PRNGKey(1),
-                    method=objectives.retrieval_objective)
+                    method=_task_loss("retrieval", config))
   assert set(out) == {"itc", "itm"}
 
   def itc(m, b):
@@ -154,7 +165,7 @@ def test_grounding_objective_is_the_box_loss_of_the_fused_cls(tiny_model_params)
   rng = np.random.default_rng(0)
   batch = _retrieval_batch(rng, config, range(4))
   batch["target_bbox"] = rng.uniform(0.2, 0.6, size=(4, 4)).astype(np.float32)
-  out = model.apply({"params": params}, batch, None, method=objectives.grounding_objective)
+  out = model.apply({"params": params}, batch, None, method=_task_loss("grounding", config))
 
   def direct(m, b):
     embeds = m.encode_image(b["image"])
@@ -171,11 +182,10 @@ def test_train_step_runs_retrieval_and_grounding_batches(tiny_model_params):
   config, _, _ = tiny_model_params
   config = tiny.get_config()
   config.unlock()
-  config.train.update(image_text_weight=0.0, region_weight=0.0, retrieval_weight=1.0,
-                      grounding_weight=0.5)
+  config.train.tasks = {"retrieval": 1.0, "grounding": 0.5}
   config.model.mlm_head = False
   trainer = train.Trainer.create(config)
-  assert trainer.kinds == ("retrieval", "grounding")
+  assert tuple(trainer.tasks) == ("grounding", "retrieval")
   rng = np.random.default_rng(0)
   retrieval = _retrieval_batch(rng, config, [0, 0, 1, 1, 2, 2, 3, 3])
   grounding = dict(_retrieval_batch(rng, config, range(8)),
@@ -205,11 +215,13 @@ def test_init_from_another_resolution_drops_mlm_head_and_resizes_tables(tmp_path
   ft = tiny.get_config()
   ft.unlock()
   ft.model.image_res, ft.model.mlm_head = 96, False
-  ft_trainer = train.Trainer.create(ft)
+  ft_model = tasks.build_model(ft)
   with pytest.raises(ValueError, match=r"unexpected: \['text/mlm_"):
-    train.load_init_params(ft_trainer, str(tmp_path / "pre"), (), 0)
-  loaded = convert.flatten(train.load_init_params(ft_trainer, str(tmp_path / "pre"), (), 0,
-                                                  ("text/mlm_*",)))
+    loading.load_params(ft_model, str(tmp_path / "pre"))
+  loaded, step = loading.load_params(ft_model, str(tmp_path / "pre"),
+                                     ignore_unexpected=("text/mlm_*",))
+  assert step == 0  # a params dir
+  loaded = convert.flatten(loaded)
   stored = convert.flatten(pre_params)
   table = "vision/blocks_0/attn/relative_position_bias_table"
   assert stored[table].shape[0] == 7 * 7 + 3 and loaded[table].shape[0] == 11 * 11 + 3
@@ -226,7 +238,8 @@ def test_init_from_a_training_workdir(tmp_path):
   state = trainer.init_state(3)
   with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False) as ckpt:
     ckpt.save(5, state, force=True)
-  params = train.load_init_params(trainer, str(tmp_path / "run"), (), 0)
+  params, step = loading.load_params(trainer.model, str(tmp_path / "run"))
+  assert step == 5
   for name, value in convert.flatten(jax.device_get(state["params"])).items():
     np.testing.assert_array_equal(convert.flatten(params)[name], value, err_msg=name)
 
@@ -234,7 +247,7 @@ def test_init_from_a_training_workdir(tmp_path):
 # ------------------------------------------------------------------------------ evaluation outputs
 def test_top_rankings_are_best_first_with_stable_ties():
   i2t = np.array([[0.1, 0.9, 0.9, 0.2], [1.0, 0.0, 0.5, 0.5]])
-  out = from_config.top_rankings(i2t, i2t.T, k=3)
+  out = retrieval_engine.top_rankings(i2t, i2t.T, k=3)
   assert out["image_to_text"] == [[1, 2, 3], [0, 2, 3]]
   assert out["text_to_image"] == [[1, 0], [0, 1], [0, 1], [1, 0]]
-  assert from_config.split_name("/d/refcoco+_testA.json") == "refcoco+_testA"
+  assert eval_common.split_name("/d/refcoco+_testA.json") == "refcoco+_testA"

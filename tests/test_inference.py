@@ -19,7 +19,7 @@ from configs import demo as demo_config
 from x2vlm_jax import checkpoint, inference
 from x2vlm_jax.data import demo, eval_data, image_ops
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.evaluate import grounding
+from x2vlm_jax.tasks import grounding
 from x2vlm_jax.models import x2vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -228,9 +228,12 @@ def test_texts_sharing_a_vision_row_fuse_as_if_it_were_repeated(tiny):
 
 
 def test_region_objective_equals_its_per_loss_composition(tiny):
-  """The objective's two batched fusion passes give the losses of one fusion pass per loss."""
-  from x2vlm_jax import losses, objectives
+  """The regions task's objective (two batched fusion passes) gives the losses of one fusion pass
+  per loss."""
+  from configs import tiny as tiny_config
+  from x2vlm_jax import losses, tasks
   model, variables, images, _, _ = tiny
+  config, task = tiny_config.get_config(), tasks.get("regions")
   rng = np.random.default_rng(0)
   ids = jnp.asarray(np.concatenate([np.full((3, 1), 2), rng.integers(5, 64, (3, 5))], 1))
   text_atts = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
@@ -241,7 +244,8 @@ def test_region_objective_equals_its_per_loss_composition(tiny):
                target_bbox=jnp.array([[.3, .3, .2, .2], [.5, .6, .4, .3], [.5, .5, 1., 1.]]),
                is_image=jnp.array([0, 0, 1]), pair_id=jnp.arange(3))
   key = jax.random.PRNGKey(3)
-  got = model.apply(variables, batch, key, method=objectives.region_objective)
+  got = model.apply(variables, batch, key,
+                    method=lambda m, b, r: task.loss(m, b, r, deterministic=True, config=config))
 
   def composed(m):
     region, full = m.encode_regions(images, batch["image_atts"], batch["idx_to_group_img"])

@@ -5,9 +5,10 @@ import sys
 CODE = """
 import sys, tempfile
 from configs import tiny
-from x2vlm_jax import train, metrics, checkpoint, objectives
+from x2vlm_jax import train, metrics, checkpoint, objectives, tasks, cli, inference
 from x2vlm_jax.data import pipeline
-from x2vlm_jax.evaluate import from_config
+from x2vlm_jax.evaluate import common
+from x2vlm_jax.models import loading
 with metrics.MetricWriter(tempfile.mkdtemp()) as writer:
   writer.write_scalars(1, {"loss": 1.0})
 assert "torch" not in sys.modules, "torch was imported"

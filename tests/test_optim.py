@@ -129,11 +129,11 @@ def _grads(n, seed=1, scales=None):
 ])
 def test_adamw_matches_numpy_reference(steps, warmup, clip, scales):
   cfg = optim.optim_config()
-  cfg.update(dict(lr=1e-2, weight_decay=0.1, warmup_steps=warmup, total_steps=10,
+  cfg.update(dict(lr=1e-2, weight_decay=0.1, warmup_steps=warmup,
                   grad_clip_norm=clip))
   params = _small_params()
   grads = _grads(steps, scales=scales)
-  tx, schedule = optim.make_optimizer(cfg, params)
+  tx, schedule = optim.make_optimizer(cfg, params, total_steps=10)
   got = _flat(_run_optax(tx, params, grads))
   groups = optim.param_groups(params, cfg)
   want = _numpy_adamw(params, grads, lr_fn=lambda t: float(schedule(t)), groups=groups,
@@ -155,10 +155,10 @@ def test_adamw_matches_numpy_reference(steps, warmup, clip, scales):
 def test_adamw_matches_torch_param_groups():
   torch = pytest.importorskip("torch")
   cfg = optim.optim_config()
-  cfg.update(dict(lr=1e-2, weight_decay=0.1, warmup_steps=0.0, total_steps=10, grad_clip_norm=0.0))
+  cfg.update(dict(lr=1e-2, weight_decay=0.1, warmup_steps=0.0, grad_clip_norm=0.0))
   params = _small_params()
   grads = _grads(2)
-  tx, schedule = optim.make_optimizer(cfg, params)
+  tx, schedule = optim.make_optimizer(cfg, params, total_steps=10)
   got = _flat(_run_optax(tx, params, grads))
   groups = optim.param_groups(params, cfg)
   tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
@@ -186,8 +186,7 @@ def test_schedule_values():
   np.testing.assert_allclose(np.asarray(jax.vmap(sched)(steps)), want, rtol=1e-6, atol=1e-12)
   cfg = optim.optim_config()
   cfg.warmup_steps = 0.1  # a fraction of the total
-  cfg.total_steps = 1000
-  _, s = optim.make_optimizer(cfg, {"temp": jnp.zeros(())})
+  _, s = optim.make_optimizer(cfg, {"temp": jnp.zeros(())}, total_steps=1000)
   assert float(s(50)) == pytest.approx(0.5e-4) and float(s(100)) == pytest.approx(1e-4)
   assert optim.resolve_warmup_steps(2500.0, 10) == 2500
   assert optim.resolve_warmup_steps(0.05, 1000) == 50
@@ -196,16 +195,16 @@ def test_schedule_values():
 def test_gradient_accumulation_equals_mean_gradient_step():
   k = 3
   cfg = optim.optim_config()
-  cfg.update(dict(lr=1e-2, warmup_steps=0.0, total_steps=10, grad_clip_norm=1.0))
+  cfg.update(dict(lr=1e-2, warmup_steps=0.0, grad_clip_norm=1.0))
   params = _small_params()
   micro = _grads(2 * k, scales=[4.0, 0.5, 2.0, 1.0, 3.0, 0.1])
   means = [jax.tree.map(lambda *g: np.mean(g, axis=0), *micro[i:i + k])
            for i in range(0, 2 * k, k)]
-  tx1, _ = optim.make_optimizer(cfg, params)
+  tx1, _ = optim.make_optimizer(cfg, params, total_steps=10)
   want = _flat(_run_optax(tx1, params, means))
 
   cfg.accumulate_steps = k
-  txk, _ = optim.make_optimizer(cfg, params)
+  txk, _ = optim.make_optimizer(cfg, params, total_steps=10)
   state = txk.init(params)
   p = params
   update = jax.jit(txk.update)
@@ -224,20 +223,21 @@ def test_init_on_boxed_abstract_params_keeps_logical_axes():
   boxed = {"text_proj": {"kernel": nn.Partitioned(
       jax.ShapeDtypeStruct((8, 4), jnp.float32), names=("embed", "proj"))},
            "temp": jax.ShapeDtypeStruct((), jnp.float32)}
-  cfg = dict(total_steps=10, warmup_steps=0.0, accumulate_steps=2)
-  tx, _ = optim.make_optimizer(cfg, boxed)
+  cfg = dict(warmup_steps=0.0, accumulate_steps=2)
+  tx, _ = optim.make_optimizer(cfg, boxed, total_steps=10)
   abstract_state = jax.eval_shape(tx.init, boxed)
   specs = jax.tree.leaves(nn.get_partition_spec(abstract_state))
   assert jax.sharding.PartitionSpec("embed", "proj") in specs
   assert optim.param_groups(boxed, cfg) == {"text_proj/kernel": (2.0, True), "temp": (2.0, True)}
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(total_steps=0), r"total_steps must be > 0.*found 0"),
-    (dict(total_steps=10, warmup_steps=20.0), r"warmup_steps=20.0 resolves to 20 steps"),
-    (dict(total_steps=10, no_decay_rule="bert"), r"no_decay_rule='bert'.*all_norms"),
-    (dict(total_steps=10, learning_rate=1.0), r"unknown fields \['learning_rate'\]"),
+@pytest.mark.parametrize("overrides,total,match", [
+    (dict(), 0, r"config.train.total_steps must be > 0.*found 0"),
+    (dict(warmup_steps=20.0), 10, r"warmup_steps=20.0 resolves to 20 steps"),
+    (dict(no_decay_rule="bert"), 10, r"no_decay_rule='bert'.*all_norms"),
+    (dict(learning_rate=1.0), 10, r"unknown fields \['learning_rate'\]"),
+    (dict(total_steps=10), 10, r"unknown fields \['total_steps'\]"),  # train.total_steps is the one
 ])
-def test_config_errors(overrides, match):
+def test_config_errors(overrides, total, match):
   with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(overrides, {"temp": jnp.zeros(())})
+    optim.make_optimizer(overrides, {"temp": jnp.zeros(())}, total_steps=total)

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from x2vlm_jax import checkpoint, convert, sharding, train
-from x2vlm_jax.models import layer_stack, x2vlm
+from x2vlm_jax import checkpoint, convert, sharding, tasks, train
+from x2vlm_jax.models import layer_stack, loading, x2vlm
 
 # Two text + two fusion layers (so fusion layer i is text/layer_{2+i}), three ViT blocks, and a
 # generative answer decoder: every stack kind with more than one layer.
 SIZES = dict(image_res=32, patch_size=16, vision_width=32, vision_depth=3, vision_heads=2,
              vision_mlp_dim=64, vocab_size=64, text_width=32, text_layers=2, fusion_layers=2,
-             text_heads=2, text_mlp_dim=64, max_position=16, embed_dim=8, vqa_decoder_layers=2,
+             text_heads=2, text_mlp_dim=64, max_position=16, embed_dim=8, answer_decoder_layers=2,
              num_frames=2)
 
 
@@ -116,7 +116,7 @@ def test_scanned_train_step_on_a_sharded_mesh_matches_unrolled_on_one_device():
   def run(config, mesh, params):
     trainer = train.Trainer.create(config, mesh)
     state = trainer.init_state(seed=0, params=params)
-    local = benchmark.synthetic_batches(config, ("image_text", "regions"))
+    local = benchmark.synthetic_batches(config)
     losses = []
     for i in range(2):
       state, metrics = trainer.train_step(state, trainer.global_batches(local),
@@ -146,9 +146,9 @@ def test_a_checkpoint_of_either_layout_initialises_either_model(tmp_path, save_s
   saved = layer_stack.to_model_layout(params, x2vlm.build_model(configs[save_scanned].model))
   checkpoint.save_params(tmp_path / "params", convert.unflatten(saved))
   for load_scanned in (False, True):
-    trainer = train.Trainer.create(configs[load_scanned], sharding.make_mesh(
-        dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
-    loaded = convert.flatten(train.load_init_params(trainer, str(tmp_path / "params"), (), 0))
+    loaded, _ = loading.load_params(tasks.build_model(configs[load_scanned]),
+                                    str(tmp_path / "params"))
+    loaded = convert.flatten(loaded)
     assert layer_stack.is_stacked(loaded) == load_scanned
     loaded = layer_stack.unstack(loaded)
     assert sorted(loaded) == sorted(params)

@@ -77,7 +77,7 @@ def test_loss_falls_on_a_fixed_batch():
   config = tiny.get_config()
   config.unlock()
   config.optim.lr = 1e-3
-  config.optim.total_steps = config.train.total_steps = 30
+  config.train.total_steps = 30
   config.optim.warmup_steps = 2.0
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   losses, _, _ = run_steps(config, mesh, steps=25)

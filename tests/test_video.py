@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
-from x2vlm_jax import checkpoint, cli, objectives, train
-from x2vlm_jax.data import config as data_config_lib
+from configs import common, tiny
+from x2vlm_jax import checkpoint, cli, tasks, train
 from x2vlm_jax.data import pipeline
 from x2vlm_jax.data import text as text_lib
 from x2vlm_jax.data import video
 from x2vlm_jax.data import video_examples
+from x2vlm_jax.evaluate import common as eval_common
 from x2vlm_jax.evaluate import retrieval_metrics
-from x2vlm_jax.models import x2vlm
+from x2vlm_jax.models import loading, x2vlm
+from x2vlm_jax.tasks import video_qa, video_retrieval
 
 FIXTURE_VOCAB = os.path.join(os.path.dirname(__file__), "fixtures", "pretrain_tiny", "vocab.txt")
 RED = (220, 40, 40)
@@ -196,8 +197,12 @@ def test_frame_folder_and_frame_list_read_like_the_video(videos, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- processors
-def _data_cfg(**fields):
-  cfg = data_config_lib.data_config()
+def _config(**fields):
+  """The full default config (unlocked) at 32 px in 16 px patches, with `fields` ("a.b": value,
+  under config.data) set."""
+  config = common.base_config()
+  config.model.image_res, config.model.patch_size = 32, 16
+  cfg = config.data
   cfg.vocab_path = FIXTURE_VOCAB
   cfg.max_tokens, cfg.max_masks = 12, 4
   cfg.read_threads, cfg.prefetch = 2, 0
@@ -208,7 +213,11 @@ def _data_cfg(**fields):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return cfg
+  return config
+
+
+def _data_cfg(**fields):
+  return _config(**fields).data
 
 
 def test_one_crop_flip_and_randaug_for_every_frame(videos, tmp_path):
@@ -219,7 +228,7 @@ def test_one_crop_flip_and_randaug_for_every_frame(videos, tmp_path):
   cfg = _data_cfg(**{"video_text.num_frames": 4, "video_text.randaug": True,
                      "video_text.hflip_prob": 1.0})
   encoder = text_lib.TextEncoder.from_config(cfg)
-  processor = video_examples.VideoTextProcessor(cfg, 32, 16, encoder)
+  processor = video_examples.VideoTextProcessor(cfg, cfg.video_text, 32, 16, encoder)
   flips = []
   for seed in range(6):
     out = processor.process("x:1", {"video": str(still), "caption": "a dog on the left"},
@@ -238,10 +247,11 @@ def test_one_crop_flip_and_randaug_for_every_frame(videos, tmp_path):
   cfg_yes = _data_cfg(**{"video_text.num_frames": 4, "video_text.randaug": False,
                          "video_text.hflip_prob": 1.0})
   rec = {"video": videos["mp4"], "caption": "a red square"}
-  plain = video_examples.VideoTextProcessor(cfg_no, 32, 16, encoder).process(
+  plain = video_examples.VideoTextProcessor(cfg_no, cfg_no.video_text, 32, 16, encoder).process(
       "x:1", rec, np.random.default_rng(7))
-  mirrored = video_examples.VideoTextProcessor(cfg_yes, 32, 16, encoder).process(
-      "x:1", rec, np.random.default_rng(7))
+  mirrored = video_examples.VideoTextProcessor(cfg_yes, cfg_yes.video_text, 32, 16,
+                                               encoder).process("x:1", rec,
+                                                                np.random.default_rng(7))
   np.testing.assert_allclose(mirrored["frames"], plain["frames"][:, :, ::-1], atol=1e-6)
   assert not np.allclose(plain["frames"][0], plain["frames"][3])  # the square moved
 
@@ -253,7 +263,7 @@ def test_video_qa_keeps_left_right_questions_unflipped_and_ignores_unknown_answe
   cfg = _data_cfg(**{"video_qa.num_frames": 3, "video_qa.randaug": False,
                      "video_qa.hflip_prob": 1.0, "video_qa.answer_list": str(answers)})
   encoder = text_lib.TextEncoder.from_config(cfg)
-  processor = video_examples.VideoQaProcessor(cfg, 32, 16, encoder)
+  processor = video_qa.VideoQaProcessor(cfg, cfg.video_qa, 32, 16, encoder)
   rng = lambda: np.random.default_rng(1)
   side = processor.process("q:1", {"video": videos["mp4"], "question": "where is the square",
                                    "answer": "left"}, rng())
@@ -265,7 +275,7 @@ def test_video_qa_keeps_left_right_questions_unflipped_and_ignores_unknown_answe
           int(unknown["answer_label"])) == (2, 0, -100)
   np.testing.assert_allclose(colour["frames"], unknown["frames"])
   cfg.video_qa.hflip_prob = 0.0
-  never = video_examples.VideoQaProcessor(cfg, 32, 16, encoder)
+  never = video_qa.VideoQaProcessor(cfg, cfg.video_qa, 32, 16, encoder)
   for out, rec in ((side, {"question": "where is the square", "answer": "left"}),
                    (colour, {"question": "what colour", "answer": ["red", "red", "blue"]})):
     plain = never.process("q", dict(rec, video=videos["mp4"]), rng())
@@ -273,7 +283,7 @@ def test_video_qa_keeps_left_right_questions_unflipped_and_ignores_unknown_answe
       np.testing.assert_array_equal(out["frames"], plain["frames"])
     else:
       np.testing.assert_allclose(out["frames"], plain["frames"][:, :, ::-1], atol=1e-6)
-  batch = video_examples.collate_video_qa([side, colour, unknown])
+  batch = video_qa.collate([side, colour, unknown])
   assert batch["frames"].shape == (3, 3, 32, 32, 3)
   assert batch["answer_label"].tolist() == [2, 0, -100]
 
@@ -294,11 +304,12 @@ def test_bad_videos_are_skipped_counted_and_named(videos, tmp_path, caplog):
            {"video": good, "caption": "a square on the left"}]
   jsonl = root / "train.jsonl"
   jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
-  cfg = _data_cfg(**{"video_text.files": [str(jsonl)], "video_text.video_root": str(root),
-                     "video_text.batch_size": 2, "video_text.num_frames": 3,
-                     "video_text.min_frames": 3, "max_bad_fraction": 1.0})
+  config = _config(**{"video_text.files": [str(jsonl)], "video_text.video_root": str(root),
+                      "video_text.batch_size": 2, "video_text.num_frames": 3,
+                      "video_text.min_frames": 3, "max_bad_fraction": 1.0})
+  task = tasks.get("video_text")
   with caplog.at_level(logging.WARNING):
-    it = pipeline.make_iterator("video_text", cfg, image_res=32, patch_size=16, seed=0)
+    it = task.make_iterator(config, seed=0)
     batch = next(it)
   assert batch["frames"].shape == (2, 3, 32, 32, 3)
   assert int(batch["num_bad_records"]) == 5 and int(batch["num_records"]) == 7
@@ -311,8 +322,8 @@ def test_bad_videos_are_skipped_counted_and_named(videos, tmp_path, caplog):
   for name in ("garbage.mp4", "empty.mp4", "short.mp4", "missing.mp4", "no_frames"):
     assert name in log
 
-  cfg.max_bad_fraction, cfg.min_records_before_abort = 0.5, 4
-  it = pipeline.make_iterator("video_text", cfg, image_res=32, patch_size=16, seed=0)
+  config.data.max_bad_fraction, config.data.min_records_before_abort = 0.5, 4
+  it = task.make_iterator(config, seed=0)
   with pytest.raises(pipeline.BadDataError, match="records were bad"):
     next(it)
 
@@ -356,7 +367,7 @@ def _task_config(task_data):
   config = tiny.get_config()
   config.unlock()
   m = config.model
-  m.num_frames, m.vqa_num_answers, m.vocab_size, m.vision_depth = 3, 4, 512, 1
+  m.num_frames, m.vocab_size, m.vision_depth = 3, 512, 1
   m.hidden_dropout = m.attention_dropout = m.drop_path_rate = 0.0
   d = config.data
   d.vocab_path = FIXTURE_VOCAB
@@ -364,26 +375,27 @@ def _task_config(task_data):
   d.video_text.files = [task_data["train_video.jsonl"]]
   d.video_qa.files = [task_data["train_qa.jsonl"]]
   d.video_qa.answer_list = task_data["answers"]
-  for sub in (d.video_text, d.video_qa):
+  d.video_qa.num_answers = 4
+  for sub in (d.video_text, d.video_retrieval, d.video_qa):
     sub.video_root, sub.num_frames, sub.batch_size, sub.randaug = task_data["root"], 3, 8, False
   t = config.train
-  t.image_text_weight, t.region_weight = 0.0, 0.0
-  t.video_text_weight, t.video_qa_weight = 1.0, 0.5
-  t.total_steps = config.optim.total_steps = 100
+  t.tasks = {"video_text": 1.0, "video_qa": 0.5}
+  t.total_steps = 100
   config.optim.lr, config.optim.warmup_steps = 2e-3, 0.0
-  e = config.eval
-  e.video_retrieval_file = task_data["msrvtt_test.jsonl"]
-  e.video_qa_files = [task_data["qa_test.jsonl"]]
-  e.video_root, e.video_k_test, e.batch_size = task_data["root"], 8, 8
+  config.evals.video_retrieval = common.evaluator(
+      "video_retrieval", file=task_data["msrvtt_test.jsonl"], video_root=task_data["root"],
+      k_test=8, batch_size=8)
+  config.evals.video_qa = common.evaluator(
+      "video_qa", files=(task_data["qa_test.jsonl"],), video_root=task_data["root"], batch_size=8)
   return config
 
 
 def test_video_text_and_video_qa_batches_train(task_data):
   config = _task_config(task_data)
-  train.check_task_heads(config)
+  tasks.validate(config, training=True)
   trainer = train.Trainer.create(config)
-  assert trainer.kinds == ("video_text", "video_qa")
-  iterators = train.make_data_iterators(config, trainer.kinds)
+  assert tuple(trainer.tasks) == ("video_qa", "video_text")
+  iterators = trainer.make_data_iterators()
   local = {kind: next(it) for kind, it in iterators.items()}
   assert local["video_text"]["frames"].shape == (8, 3, 32, 32, 3)
   assert local["video_qa"]["frames"].shape == (8, 3, 32, 32, 3)
@@ -407,13 +419,33 @@ def test_video_text_and_video_qa_batches_train(task_data):
     assert losses[-1][key] < 0.9 * losses[0][key], (key, [round(s[key], 3) for s in losses])
 
 
+def test_video_retrieval_batches_read_their_own_section(task_data):
+  """video_retrieval reads video-text records from config.data.video_retrieval (crop 0.5),
+  video_text from config.data.video_text (crop 0.2); both declare what they need."""
+  config = _task_config(task_data)
+  assert config.data.video_text.crop_scale_min == 0.2
+  assert config.data.video_retrieval.crop_scale_min == 0.5
+  config.data.video_retrieval.files = [task_data["train_video.jsonl"]]
+  config.data.video_retrieval.batch_size = 4
+  batch = next(tasks.get("video_retrieval").make_iterator(config, seed=0))
+  assert batch["frames"].shape == (4, 3, 32, 32, 3) and batch["video_idx"].shape == (4,)
+  assert sorted(batch) == sorted([*video_examples.VIDEO_TEXT_FIELDS, "num_bad_records",
+                                  "num_records"])
+  config.train.tasks = {"video_retrieval": 1.0}
+  assert tasks.new_param_patterns(config)[-1] == r"(^|/)frame_pos_embed$"
+  assert "frame_pos_embed" in tasks.allow_missing(config)
+  config.train.tasks = {"video_qa": 1.0}
+  assert set(tasks.allow_missing(config)) >= {"frame_pos_embed", "vqa_head/*"}
+  assert r"^vqa_head/" in tasks.new_param_patterns(config)
+
+
 def test_video_objectives():
   """video_retrieval = ITC + ITM with same-video positives; video_text adds MLM; video_qa's
   cross-entropy skips answers outside the list (one compiled function for all three)."""
   cfg = tiny.get_config()
   cfg.unlock()
-  cfg.model.num_frames, cfg.model.vision_depth, cfg.model.vqa_num_answers = 2, 1, 3
-  model = x2vlm.build_model(cfg.model)
+  cfg.model.num_frames, cfg.model.vision_depth = 2, 1
+  model = x2vlm.build_model(cfg.model, heads=((video_qa.HEAD, 3, 1),))
   params = nn.meta.unbox(
       jax.jit(model.init)(jax.random.PRNGKey(0), *x2vlm.init_inputs(model))["params"])
   rng = np.random.default_rng(0)
@@ -426,6 +458,10 @@ def test_video_objectives():
                masked_ids=np.array([[5, 6], [7, -100], [8, 9], [-100, -100]], np.int32),
                answer_label=np.array([2, -100, 0, 1], np.int32))
 
+  def task_loss(name):
+    task = tasks.get(name)
+    return lambda m, batch, key: task.loss(m, batch, key, deterministic=True, config=cfg)
+
   @jax.jit
   def run(params, batch):
     v = {"params": params}
@@ -436,11 +472,11 @@ def test_video_objectives():
               m.text_features(m.encode_text(batch["text_ids"], batch["text_atts"])),
               m.clamped_temp())
 
-    return (model.apply(v, batch, key, method=objectives.video_retrieval_objective),
+    return (model.apply(v, batch, key, method=task_loss("video_retrieval")),
             model.apply(v, batch, method=features),
-            model.apply(v, batch, key, method=objectives.video_text_objective),
-            model.apply(v, batch, key, method=objectives.video_qa_objective),
-            model.apply(v, batch, method=objectives.video_qa_logits))
+            model.apply(v, batch, key, method=task_loss("video_text")),
+            model.apply(v, batch, key, method=task_loss("video_qa")),
+            model.apply(v, batch, method=video_qa.video_qa_logits))
 
   retrieval, (video_feat, text_feat, temp), pretrain, qa, logits = jax.device_get(
       run(params, batch))
@@ -465,7 +501,7 @@ def test_video_objectives():
 # ---------------------------------------------------------------------------------- evaluation
 def test_video_retrieval_and_qa_evaluation_from_the_cli(task_data, tmp_path):
   config = _task_config(task_data)
-  model = x2vlm.build_model(config.model)
+  model = tasks.build_model(config)
   params = jax.device_get(nn.meta.unbox(
       jax.jit(model.init)(jax.random.PRNGKey(1), *x2vlm.init_inputs(model))["params"]))
   checkpoint.save_params(tmp_path / "params", params)
@@ -473,7 +509,7 @@ def test_video_retrieval_and_qa_evaluation_from_the_cli(task_data, tmp_path):
   results = cli.evaluate(config, workdir, str(tmp_path / "params"))
 
   # Brute force: every clip and every text through the model at once, every pair scored by ITM.
-  data = video_examples.load_video_retrieval_eval(
+  data = video_retrieval.load_video_retrieval_eval(
       task_data["msrvtt_test.jsonl"], task_data["root"], FIXTURE_VOCAB, config.data.max_tokens)
   clips = video_examples.load_eval_clips(data["video_paths"], data["where"], num_frames=3,
                                          image_res=32)
@@ -504,10 +540,10 @@ def test_video_retrieval_and_qa_evaluation_from_the_cli(task_data, tmp_path):
 
   # Video QA: arg-max of the head; the "purple" question (not in the list) is always wrong.
   answers = json.load(open(task_data["answers"]))
-  qa = video_examples.load_video_qa_eval(task_data["qa_test.jsonl"], task_data["root"],
-                                         FIXTURE_VOCAB, config.data.max_tokens, answers)
+  qa = video_qa.load_video_qa_eval(task_data["qa_test.jsonl"], task_data["root"],
+                                   FIXTURE_VOCAB, config.data.max_tokens, answers)
   assert qa["answer_label"].tolist() == [0, 1, 2, -100]
-  logits = jax.jit(lambda p, b: model.apply({"params": p}, b, method=objectives.video_qa_logits))(
+  logits = jax.jit(lambda p, b: model.apply({"params": p}, b, method=video_qa.video_qa_logits))(
       params, dict(frames=video_examples.load_eval_clips(
           qa["video_paths"], qa["where"], num_frames=3, image_res=32), text_ids=qa["text_ids"],
           text_atts=qa["text_atts"]))
@@ -520,20 +556,63 @@ def test_video_retrieval_and_qa_evaluation_from_the_cli(task_data, tmp_path):
   assert [p["answer"] for p in predictions] == ["red", "blue", "green", "purple"]
 
 
+def test_evaluators_are_built_once_and_rerun_without_retracing(task_data):
+  config = _task_config(task_data)
+  model = tasks.build_model(config)
+  params = nn.meta.unbox(
+      jax.jit(model.init)(jax.random.PRNGKey(1), *x2vlm.init_inputs(model))["params"])
+  evaluators = tasks.make_evaluators(config, model)
+  first = {name: e.run(params) for name, e in evaluators.items()}
+  counts = dict(eval_common.TRACE_COUNTS)
+  again = {name: e.run(params) for name, e in evaluators.items()}
+  assert again == first
+  for fn in ("encode_videos", "encode_texts", "pair_itm", "video_qa_answer_logits"):
+    assert eval_common.TRACE_COUNTS[fn] == counts[fn] >= 1, fn
+
+
 def test_evaluation_names_the_unreadable_video(task_data, tmp_path):
   path = tmp_path / "test.jsonl"
   path.write_text(json.dumps({"video": "v0.mp4", "caption": ["a red video"]}) + "\n"
                   + json.dumps({"video": "nothing.mp4", "caption": ["a red video"]}) + "\n")
-  data = video_examples.load_video_retrieval_eval(str(path), task_data["root"], FIXTURE_VOCAB, 12)
+  data = video_retrieval.load_video_retrieval_eval(str(path), task_data["root"], FIXTURE_VOCAB,
+                                                   12)
   with pytest.raises(video_examples.BadDataError, match=f"{path}:2: video not found: .*nothing"):
     video_examples.load_eval_clips(data["video_paths"], data["where"], num_frames=3, image_res=32)
+  # An evaluator is refused when it is built, before anything compiles.
+  config = _task_config(task_data)
+  config.evals.video_retrieval.file = str(path)
+  with pytest.raises(video_examples.BadDataError, match=f"{path}:2: no file .*nothing"):
+    tasks.make_evaluators(config, tasks.build_model(config))
 
 
 def test_too_many_frames_for_the_model_fails_before_compiling(task_data):
   config = _task_config(task_data)
   config.data.video_qa.num_frames = 4
   with pytest.raises(ValueError, match="video_qa.num_frames is 4 but the model has 3 frame"):
-    train.check_task_heads(config)
+    tasks.validate(config, training=True)
+  with pytest.raises(ValueError, match="video_qa.num_frames is 4 but the model has 3 frame"):
+    tasks.make_evaluators(config, tasks.build_model(config))
+  config = _task_config(task_data)
+  config.data.video_retrieval.num_frames = 5
+  with pytest.raises(ValueError, match="video_retrieval.num_frames is 5 but the model has 3"):
+    tasks.make_evaluators(config, tasks.build_model(config))
+  config.train.tasks = {"video_text": 1.0}
+  config.data.video_text.num_frames = 4
+  with pytest.raises(ValueError, match="video_text.num_frames is 4 but the model has 3"):
+    tasks.validate(config, training=True)
+
+
+def test_the_answer_head_must_match_the_answer_list(task_data):
+  config = _task_config(task_data)
+  config.data.video_qa.num_answers = 0
+  with pytest.raises(ValueError, match="config.data.video_qa.num_answers is 0"):
+    tasks.validate(config, training=False)
+  config.data.video_qa.num_answers = 5
+  with pytest.raises(ValueError, match="lists 4 answers but config.data.video_qa.num_answers is 5"):
+    tasks.validate(config, training=True)
+  config.data.video_qa.answer_list = ""
+  with pytest.raises(ValueError, match="config.data.video_qa.answer_list is empty"):
+    tasks.validate(config, training=True)
 
 
 def test_init_checkpoint_with_fewer_frames_keeps_its_frame_embeddings(tmp_path):
@@ -547,7 +626,8 @@ def test_init_checkpoint_with_fewer_frames_keeps_its_frame_embeddings(tmp_path):
   config = tiny.get_config()
   config.unlock()
   config.model.num_frames = 3
-  loaded = train.load_init_params(train.Trainer.create(config), str(tmp_path / "pre"), (), 0)
+  loaded, step = loading.load_params(tasks.build_model(config), str(tmp_path / "pre"))
+  assert step == 0
   assert loaded["frame_pos_embed"].shape == (3, 1, 32)
   np.testing.assert_array_equal(loaded["frame_pos_embed"][:2], stored["frame_pos_embed"])
   np.testing.assert_array_equal(loaded["frame_pos_embed"][2], 0.0)

@@ -13,15 +13,16 @@ import pytest
 
 from configs import tiny
 from configs.finetune import demo_tasks
-from x2vlm_jax import cli, convert, losses, objectives
-from x2vlm_jax.data import examples, text as text_lib
+from x2vlm_jax import cli, convert, losses
+from x2vlm_jax.data import text as text_lib
 from x2vlm_jax.models import x2vlm
+from x2vlm_jax.tasks import vqa, vqa_generative
 
 
 def test_answer_weights_are_each_answers_share():
-  weighted = examples.vqa_answer_weights(["red"] * 6 + ["blue"] * 3 + ["dark red"])
+  weighted = vqa_generative.answer_weights(["red"] * 6 + ["blue"] * 3 + ["dark red"])
   assert weighted == [("red", 0.6), ("blue", 0.3), ("dark red", 0.1)]
-  assert examples.vqa_answer_weights("on the table ", vg_weight=0.5) == [("on the table", 0.5)]
+  assert vqa_generative.answer_weights("on the table ", vg_weight=0.5) == [("on the table", 0.5)]
 
 
 def test_tokenize_answers_is_cls_answer_sep_padded(tmp_path):
@@ -29,7 +30,7 @@ def test_tokenize_answers_is_cls_answer_sep_padded(tmp_path):
   vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "blue",
                               "dark", "##er"]) + "\n")
   tok = text_lib.load_tokenizer(str(vocab))
-  ids, atts = examples.tokenize_answers(["Red", "darker blue", ""], tok, 4)
+  ids, atts = vqa_generative.tokenize_answers(["Red", "darker blue", ""], tok, 4)
   np.testing.assert_array_equal(ids, [[2, 5, 3, 0], [2, 7, 8, 3], [2, 3, 0, 0]])
   np.testing.assert_array_equal(atts, [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
 
@@ -47,14 +48,16 @@ def test_sequence_nll_scores_tokens_after_the_first():
   assert float(loss) == pytest.approx((0.5 + 1.0 + 4.0) / 2)
 
 
+DECODER_LAYERS = 1
+
+
 def _tiny(**fields):
   cfg = tiny.get_config()
   cfg.unlock()
-  cfg.model.vqa_decoder_layers = 1
   cfg.model.hidden_dropout = cfg.model.attention_dropout = cfg.model.drop_path_rate = 0.0
   for k, v in fields.items():
     cfg.model[k] = v
-  model = x2vlm.build_model(cfg.model)
+  model = x2vlm.build_model(cfg.model, answer_decoder_layers=DECODER_LAYERS)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(model))["params"])
   return cfg, model, params
 
@@ -69,7 +72,7 @@ def test_decoder_matches_transformers_bert_lm_head_model():
   cfg, model, params = _tiny()
   m = cfg.model
   hf_cfg = transformers.BertConfig(
-      vocab_size=m.vocab_size, hidden_size=m.text_width, num_hidden_layers=m.vqa_decoder_layers,
+      vocab_size=m.vocab_size, hidden_size=m.text_width, num_hidden_layers=DECODER_LAYERS,
       num_attention_heads=m.text_heads, intermediate_size=m.text_mlp_dim,
       max_position_embeddings=m.max_position, is_decoder=True, add_cross_attention=True,
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -138,9 +141,9 @@ def test_rank_answers_is_the_reference_score():
                          [2, 20, 3, 0]], np.int32)
   answer_atts = (np.arange(4)[None] <= np.array([2, 3, 2, 3, 2])[:, None]).astype(np.int32)
   apply = lambda k: model.apply({"params": params}, batch, answer_ids, answer_atts, k,
-                                method=objectives.rank_answers)
+                                method=vqa_generative.rank_answers)
   ranked, probs = apply(5)
-  states = model.apply({"params": params}, batch, method=objectives.question_states)
+  states = model.apply({"params": params}, batch, method=vqa.question_states)
   scores, firsts = np.zeros((2, 5)), np.zeros((2, 5))
   for b in range(2):
     rep = lambda x: np.repeat(np.asarray(x)[b:b + 1], 5, axis=0)
@@ -202,7 +205,8 @@ def test_decoder_learns_to_answer():
   @jax.jit
   def step(p, o):
     loss, g = jax.value_and_grad(lambda q: model.apply(
-        {"params": q}, batch, None, method=objectives.vqa_generative_objective)["vqa_answer"])(p)
+        {"params": q}, batch, None, method=lambda m, b, r: vqa_generative.TASK.loss(
+            m, b, r, deterministic=True, config=None))["vqa_answer"])(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
@@ -212,19 +216,18 @@ def test_decoder_learns_to_answer():
     history.append(float(loss))
   assert history[-1] < 0.5 * history[0], history[::10]
   ranked, _ = model.apply({"params": params}, batch, answer_list, answer_atts, 4,
-                          method=objectives.rank_answers)
+                          method=vqa_generative.rank_answers)
   np.testing.assert_array_equal(np.asarray(ranked)[:, 0], truth)
 
 
 def test_generative_vqa_fine_tunes_and_evaluates_from_the_config(tmp_path):
   data_dir = str(tmp_path / "demo")
-  config = demo_tasks.get_config(f"vqa_generative,quick,data_dir={data_dir}")
-  cli.prepare_demo_data(config)
+  config = demo_tasks.get_config(f"vqa_generative,quick,data_dir={data_dir}")  # writes the data
   workdir = str(tmp_path / "run")
-  results = cli.pretrain(config, workdir)
-  assert 0.0 <= results["eval/vqa/val_vqa/acc"] <= 100.0
+  results = cli.train(config, workdir)
+  assert 0.0 <= results["eval/vqa_generative/val_vqa/acc"] <= 100.0
   answers = set(json.load(open(os.path.join(data_dir, "answer_list.json"))))
-  predictions = json.load(open(os.path.join(workdir, "vqa_val_vqa.json")))
+  predictions = json.load(open(os.path.join(workdir, "vqa_generative_val_vqa.json")))
   assert predictions and all(p["answer"] in answers for p in predictions)
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert any("vqa_generative/vqa_answer" in r for r in logged)

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
-from x2vlm_jax import convert, train
-from x2vlm_jax.data import eval_data, pipeline
+from configs import common, tiny
+from x2vlm_jax import convert, tasks, train
+from x2vlm_jax.data import eval_data
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.evaluate import from_config, retrieval
+from x2vlm_jax.evaluate import common as eval_common
+from x2vlm_jax.evaluate import retrieval
 from x2vlm_jax.models import bert, x2vlm
+from x2vlm_jax.tasks import retrieval as retrieval_task
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -376,14 +378,14 @@ def _xlmr_tiny_config(spm_dir, vocab_size):
 def test_multilingual_retrieval_from_config(spm_dir, tok, tmp_path):
   captions = _write_multilingual_set(str(tmp_path))
   config = _xlmr_tiny_config(spm_dir, tok.vocab_size)
-  config.eval.multilingual_retrieval_file = str(tmp_path / "test.jsonl")
-  config.eval.multilingual_retrieval_image_root = str(tmp_path)
-  config.eval.multilingual_retrieval_languages = ("en", "de", "fr")
-  config.eval.k_test, config.eval.batch_size = 2, 4
+  config.evals.retrieval = common.evaluator(
+      "multilingual_retrieval", file=str(tmp_path / "test.jsonl"), image_root=str(tmp_path),
+      languages=("en", "de", "fr"), k_test=2, batch_size=4)
   model = x2vlm.build_model(config.model)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(model)))["params"]
   out_dir = tmp_path / "predictions"
-  results = from_config.run(config, model, params, predictions_dir=str(out_dir))
+  results = eval_common.run_all(tasks.make_evaluators(config, model), params, 0,
+                                predictions_dir=str(out_dir))
   names = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
   assert {f"eval/retrieval/{lang}/{k}" for lang in ("en", "de", "fr", "mean") for k in names} <= set(results)
   # Each language equals the single-language evaluation of its own captions (same images).
@@ -392,7 +394,7 @@ def test_multilingual_retrieval_from_config(spm_dir, tok, tmp_path):
     with open(single, "w") as f:
       for rec in captions:
         f.write(json.dumps({"image": rec["image"], "caption": rec["caption"][lang]}) + "\n")
-    data = eval_data.load_retrieval_eval(str(single), str(tmp_path), 32, tok, 12)
+    data = retrieval_task.load_retrieval_eval(str(single), str(tmp_path), 32, tok, 12)
     want, i2t, _ = retrieval.evaluate_retrieval(model, params, data, k_test=2, batch_size=4)
     for k in names:
       assert results[f"eval/retrieval/{lang}/{k}"] == pytest.approx(want[k], abs=1e-9), (lang, k)
@@ -400,15 +402,15 @@ def test_multilingual_retrieval_from_config(spm_dir, tok, tmp_path):
     np.testing.assert_allclose(saved["scores_i2t"], i2t, atol=1e-5)
   assert results["eval/retrieval/mean/r_mean"] == pytest.approx(
       np.mean([results[f"eval/retrieval/{lang}/r_mean"] for lang in ("en", "de", "fr")]))
-  en = eval_data.load_multilingual_retrieval_eval(str(tmp_path / "test.jsonl"), str(tmp_path), 32,
-                                                  tok, 12)
+  en = retrieval_task.load_multilingual_retrieval_eval(str(tmp_path / "test.jsonl"),
+                                                       str(tmp_path), 32, tok, 12)
   assert list(en["languages"]) == ["de", "en", "fr"]  # default: the first record's, sorted
   assert en["languages"]["en"]["img2txt"] == [[0, 1], [2, 3], [4, 5]]
   with open(tmp_path / "bad.jsonl", "w") as f:
     f.write(json.dumps({"image": "0.png", "caption": {"en": ["a red square"]}}) + "\n")
   with pytest.raises(eval_data.BadDataError, match=r"bad.jsonl:1: no 'de' captions"):
-    eval_data.load_multilingual_retrieval_eval(str(tmp_path / "bad.jsonl"), str(tmp_path), 32,
-                                               tok, 12, languages=("en", "de"))
+    retrieval_task.load_multilingual_retrieval_eval(str(tmp_path / "bad.jsonl"), str(tmp_path),
+                                                    32, tok, 12, languages=("en", "de"))
 
 
 # ------------------------------------------------------------------------------ pre-training
@@ -422,13 +424,13 @@ def test_pretraining_step_with_the_sentencepiece_tokenizer(spm_dir, tok, tmp_pat
       f.write(json.dumps({"image": f"{i}.png", "caption": sentences[i % len(sentences)]},
                          ensure_ascii=False) + "\n")
   config = _xlmr_tiny_config(spm_dir, tok.vocab_size)
-  config.train.region_weight = 0.0
+  config.train.tasks = {"image_text": 1.0}
   d = config.data
   d.image_text.files = (str(tmp_path / "train.jsonl"),)
   d.image_text.image_root = str(tmp_path)
   d.read_threads, d.mask_prob, d.max_masks, d.max_tokens, d.max_words = 1, 0.4, 4, 20, 20
-  train.check_vocab(config)
-  batch = next(pipeline.make_iterator("image_text", d, image_res=32, patch_size=16, seed=0))
+  tasks.check_tokenizer(config)
+  batch = next(tasks.get("image_text").make_iterator(config, seed=0))
   ids, atts, masked = batch["text_ids"], batch["text_atts"], batch["text_ids_masked"]
   lengths = atts.sum(1)
   assert (ids[:, 0] == tok.cls_id).all() and (ids[np.arange(len(ids)), lengths - 1] == tok.sep_id).all()
@@ -448,7 +450,7 @@ def test_pretraining_step_with_the_sentencepiece_tokenizer(spm_dir, tok, tmp_pat
   assert config.model.vocab_size == tok.vocab_size and tok.mask_id == tok.vocab_size - 1
 
   trainer = train.Trainer.create(config)
-  assert trainer.kinds == ("image_text",)
+  assert tuple(trainer.tasks) == ("image_text",)
   state = trainer.init_state(0)
   state, metrics = trainer.train_step(state, trainer.global_batches({"image_text": batch}),
                                       jax.random.PRNGKey(0))
@@ -457,7 +459,7 @@ def test_pretraining_step_with_the_sentencepiece_tokenizer(spm_dir, tok, tmp_pat
   assert abs(mlm - math.log(tok.vocab_size)) < 0.5  # near-uniform predictions at init
   config.model.text_pad_id = 0
   with pytest.raises(ValueError, match="pads with id 1"):
-    train.check_vocab(config)
+    tasks.check_tokenizer(config)
 
 
 def test_multilingual_retrieval_config():
@@ -475,7 +477,7 @@ def test_multilingual_retrieval_config():
   # + the 384-px relative position tables (12 layers x 1,480 rows x 12 heads = 213,120).
   assert x2vlm.count_params(params) == 254_758_401 - 622_650 + 168_561_408 + 213_120
   with pytest.raises(ValueError, match="config.data.vocab_path"):  # the tokenizer is required
-    train.check_vocab(config)
+    tasks.check_tokenizer(config)
   conv = load_config("configs/finetune/multilingual_retrieval.py:large,model.mlm_head=True,"
                      "model.mlm_decoder_tied=False")
   assert (conv.model.text_layers, conv.model.text_width, conv.model.mlm_decoder_tied) == (24, 1024, False)

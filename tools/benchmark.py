@@ -9,20 +9,23 @@
   python tools/benchmark.py --data --config configs/demo.py:data_dir=/tmp/demo_data
 
 `--data` reads `--data-dir` (a demo dataset from x2vlm_jax/data/demo.py: 200 training scenes of
-`--demo-image-size` pixels are written there if it holds none) or the config's own data files,
-with num_workers=0, `--read-threads` decoding threads and no prefetch buffer; it times
-`--steps` batches of every batch kind of the config after `--warmup` batches.
+`--demo-image-size` pixels are written there if it holds none; it feeds the trained tasks it has a
+`train_<task>.jsonl` for) or the config's own data files, with num_workers=0, `--read-threads`
+decoding threads and no prefetch buffer; it times `--steps` batches of every trained task of the
+config after `--warmup` batches.
 
 Train mode builds the `Trainer` of the config (its mesh; a fully fixed mesh smaller than the
-machine uses the first devices), initialises a fresh state, makes one synthetic batch per batch
-kind of the step ('image_text', 'regions', 'retrieval', 'grounding': random CLIP-normalised
-images, [CLS] words [SEP] [PAD].. texts of random lengths with MLM masking as the pipeline does
-it, valid boxes and their patch masks, collated by the pipeline's own collate functions), calls the real `Trainer.train_step` once to compile, `--warmup` more times, then
+machine uses the first devices), initialises a fresh state, makes one synthetic batch per trained
+task (`Task.synthetic_batch`: random CLIP-normalised images, [CLS] words [SEP] [PAD].. texts of
+random lengths with MLM masking as the pipeline does it, valid boxes and their patch masks,
+collated by the task's own collate function; image_text, regions, retrieval and grounding have
+one), calls the real `Trainer.train_step` once to compile, `--warmup` more times, then
 times `--steps` steps (block_until_ready after each).
 
 Output fields: examples_per_s (texts per step / median step time; a region batch counts its
 region texts), step_time_median_s / _p90_s, compile_time_s (first call minus the median step),
-flops_per_step (analytic, x2vlm_jax/flops.py: matmuls only, training = 3 x forward),
+flops_per_step (analytic, `Task.forward_flops` from x2vlm_jax/flops.py: matmuls only,
+training = 3 x forward),
 tflops_per_s, process_cpu_s_per_step (CPU seconds of all this process's threads per timed step;
 steadier than wall time on a shared CPU), mfu (null unless the device kind is in PEAK_TFLOPS or
 --peak-tflops is given; the peak is per device and multiplied by the mesh size),
@@ -33,8 +36,8 @@ with jax.profiler into DIR and adds `profile`: op thread-milliseconds per step b
 model part (vision / text_layers / fusion_layers / optimizer / heads_losses_other, forward or
 backward), read from the trace and the compiled HLO's op_name metadata.
 
-`--batch B` sets every batch kind to B texts and B images (image_text.batch_size,
-regions.batch_size, regions.max_images, grounding.batch_size).
+`--batch B` sets every trained task to B texts and B images (its batch_size, and max_images for a
+region batch).
 """
 from __future__ import annotations
 
@@ -66,15 +69,6 @@ PEAK_TFLOPS = (
     ("tpu v4", {"bfloat16": 275.0}),
 )
 
-# Token ids of the synthetic texts: a BERT-base vocabulary ([PAD] 0, [CLS] 101, [SEP] 102,
-# [MASK] 103, words from 999) when the model's vocabulary is that large, else the demo layout
-# ([PAD] [UNK] [CLS] [SEP] [MASK] = 0..4, words from 5).
-_BERT_IDS = dict(pad=0, cls=101, sep=102, mask=103, first_word=999)
-_SMALL_IDS = dict(pad=0, cls=2, sep=3, mask=4, first_word=5)
-_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
-
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
   """Per-device dense peak for `dtype` matmuls of a known accelerator, else None (CPUs)."""
   kind = device_kind.lower()
@@ -85,117 +79,30 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------- synthetic batches
-def _token_ids(vocab_size: int) -> dict[str, int]:
-  return _BERT_IDS if vocab_size > 2 * _BERT_IDS["first_word"] else _SMALL_IDS
+def synthetic_batches(config, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+  """One batch per trained task (`Task.synthetic_batch`: the pipeline's keys, shapes and dtypes,
+  collated by the task's own collate function)."""
+  from x2vlm_jax import tasks
 
-
-def synthetic_texts(config, n: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-  """`n` texts with the fields of `TextEncoder.encode_ids`: [CLS] words [SEP] then [PAD] up to
-  max_tokens (lengths uniform in [min(5, L), L]), MLM positions as the pipeline picks them
-  (n_pred = min(max_masks, max(1, round(len * mask_prob))), never position 0), 80% [MASK] /
-  10% random / 10% unchanged, masked_pos padded with 0 and masked_ids with -100."""
-  d, vocab = config.data, config.model.vocab_size
-  L, M = d.max_tokens, d.max_masks
-  ids_of = _token_ids(vocab)
-  out = []
-  for _ in range(n):
-    length = int(rng.integers(min(5, L), L + 1))
-    words = rng.integers(ids_of["first_word"], vocab, size=max(length - 2, 0))
-    seq = np.array([ids_of["cls"], *words, ids_of["sep"]][:length], np.int32)
-    text_ids = np.full((L,), ids_of["pad"], np.int32)
-    text_ids[:length] = seq
-    text_atts = (np.arange(L) < length).astype(np.int32)
-    n_pred = min(M, max(1, int(round(length * d.mask_prob))), length - 1)
-    pos = np.sort(rng.choice(np.arange(1, length), size=n_pred, replace=False)).astype(np.int32)
-    masked = text_ids.copy()
-    for p in pos:
-      u = rng.random()
-      masked[p] = ids_of["mask"] if u < 0.8 else (int(rng.integers(0, vocab)) if u < 0.9
-                                                   else masked[p])
-    masked_pos = np.zeros((M,), np.int32)
-    masked_ids = np.full((M,), -100, np.int32)
-    masked_pos[:n_pred] = pos
-    masked_ids[:n_pred] = text_ids[pos]
-    out.append(dict(text_ids=text_ids, text_atts=text_atts, text_ids_masked=masked,
-                    masked_pos=masked_pos, masked_ids=masked_ids))
-  return out
-
-
-def _images(config, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-  res = config.model.image_res
-  return [((rng.random((res, res, 3), dtype=np.float32) - _CLIP_MEAN) / _CLIP_STD)
-          for _ in range(n)]
-
-
-def _random_box(rng: np.random.Generator, res: int) -> tuple[float, float, float, float]:
-  w, h = rng.uniform(0.1, 0.7, size=2) * res
-  return float(rng.uniform(0, res - w)), float(rng.uniform(0, res - h)), float(w), float(h)
-
-
-def synthetic_batch(config, kind: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """One local batch of `kind` ('image_text', 'regions', 'retrieval' or 'grounding') with exactly
-  the keys, shapes and dtypes of the pipeline's batches (x2vlm_jax/data/pipeline.py), collated by
-  the pipeline's own collate functions."""
-  from x2vlm_jax.data import boxes as box_ops
-  from x2vlm_jax.data import pipeline
-
-  d, res, patch = config.data, config.model.image_res, config.model.patch_size
-  if kind in ("image_text", "retrieval"):  # retrieval fine-tuning reads image-text batches
-    b = d.image_text.batch_size
-    # image_idx: the pipeline's 31-bit hash of the image id; distinct images here.
-    ids = rng.choice(2**31 - 1, size=b, replace=False)
-    examples = [dict(image=im, image_idx=np.int32(i), **tx) for im, i, tx in zip(
-        _images(config, b, rng), ids, synthetic_texts(config, b, rng))]
-    batch = pipeline.collate_image_text(examples)
-    num_records = b
-  elif kind == "grounding":
-    b = d.grounding.batch_size
-    examples = []
-    for image, text in zip(_images(config, b, rng), synthetic_texts(config, b, rng)):
-      examples.append(dict(image=image, text_ids=text["text_ids"], text_atts=text["text_atts"],
-                           target_bbox=box_ops.box_target(_random_box(rng, res), res)))
-    batch = pipeline.collate_grounding(examples)
-    num_records = b
-  elif kind == "regions":
-    n_img, per_image = d.regions.max_images, max(int(d.regions.max_regions), 1)
-    examples = []
-    for key, image in enumerate(_images(config, n_img, rng)):
-      # The whole-image caption pair, then up to max_regions - 1 boxed regions.
-      n_pairs = int(rng.integers(1, per_image + 1))
-      texts = synthetic_texts(config, n_pairs, rng)
-      pairs = [dict(texts[0], image_atts=box_ops.full_patch_mask(res, patch),
-                    target_bbox=np.array([0.5, 0.5, 1.0, 1.0], np.float32),
-                    is_image=np.float32(1.0))]
-      for text in texts[1:]:
-        box = _random_box(rng, res)
-        pairs.append(dict(text, image_atts=box_ops.box_patch_mask(box, res, patch),
-                          target_bbox=box_ops.box_target(box, res), is_image=np.float32(0.0)))
-      examples.append(dict(image=image, pairs=pairs, key=key))
-    batch = pipeline.RegionCollate(d.regions.batch_size)(examples, rng)
-    num_records = n_img
-  else:
-    raise ValueError(f"unknown batch kind {kind!r}")
-  batch["num_bad_records"] = np.asarray(0, np.int32)
-  batch["num_records"] = np.asarray(num_records, np.int32)
-  return batch
-
-
-def synthetic_batches(config, kinds, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
   rng = np.random.default_rng(seed)
-  return {kind: synthetic_batch(config, kind, rng) for kind in kinds}
+  return {name: task.synthetic_batch(config, rng)
+          for name, task in tasks.training_tasks(config).items()}
 
 
 # ---------------------------------------------------------------------------- helpers
 def load_config(spec: str, args):
   from x2vlm_jax.configs_loader import load_config as load
 
+  from x2vlm_jax import tasks
+
   config = load(spec)
   config.unlock()
-  if args.batch:
-    config.data.image_text.batch_size = args.batch
-    config.data.regions.batch_size = args.batch
-    config.data.regions.max_images = args.batch
-    config.data.grounding.batch_size = args.batch
+  if args.batch:  # every trained task: B texts (and B images for a region batch)
+    for name in tasks.training_tasks(config):
+      section = config.data[name]
+      section.batch_size = args.batch
+      if "max_images" in section:
+        section.max_images = args.batch
   if args.remat:
     config.model.remat = True
   if args.scan_layers:
@@ -221,12 +128,12 @@ def make_mesh(config):
   return sharding.make_mesh(config.mesh, devices=devices)
 
 
-def examples_per_step(config, kinds) -> dict[str, int]:
-  """Texts per batch of each kind (as train.train_and_evaluate counts examples)."""
-  d = config.data
-  sizes = {"image_text": d.image_text.batch_size, "regions": d.regions.batch_size,
-           "retrieval": d.image_text.batch_size, "grounding": d.grounding.batch_size}
-  return {k: int(sizes[k]) for k in kinds}
+def examples_per_step(config) -> dict[str, int]:
+  """Texts per batch of each trained task (as train.train_and_evaluate counts examples)."""
+  from x2vlm_jax import tasks
+
+  return {name: task.texts_per_batch(config)
+          for name, task in tasks.training_tasks(config).items()}
 
 
 def peak_memory(devices) -> tuple[int, str]:
@@ -264,13 +171,13 @@ def _cost(compiled) -> dict:
 # ---------------------------------------------------------------------------- train mode
 def bench_train(args) -> dict:
   import jax
-  from x2vlm_jax import flops, train
+  from x2vlm_jax import tasks, train
 
   config = load_config(args.config, args)
   trainer = train.Trainer.create(config, make_mesh(config))
-  kinds = trainer.kinds
+  kinds = tuple(trainer.tasks)
   state = trainer.init_state(config.train.seed)
-  local = synthetic_batches(config, kinds, seed=args.seed)
+  local = synthetic_batches(config, seed=args.seed)
   batches = trainer.global_batches(local)
   base = jax.random.PRNGKey(args.seed)
   rngs = [jax.random.fold_in(base, i) for i in range(1 + args.warmup + args.steps)]
@@ -293,17 +200,17 @@ def bench_train(args) -> dict:
   cpu_per_step = (time.process_time() - cpu_start) / args.steps
 
   median = _percentile(times, 50)
-  per_kind = examples_per_step(config, kinds)
+  per_kind = examples_per_step(config)
   batch = sum(per_kind.values())
-  sizes = flops.batch_kind_sizes(config, kinds)
-  step_flops = flops.train_step_flops(config.model, sizes)
+  forward = tasks.forward_flops(config)
+  step_flops = tasks.train_step_flops(config)
   tflops = step_flops / median / 1e12
   devices = list(trainer.mesh.devices.flat)
   device_kind = devices[0].device_kind
   peak = args.peak_tflops or peak_tflops(device_kind, config.model.dtype)
   mem, mem_source = peak_memory(devices)
   result = dict(
-      mode="train", config=args.config, kinds=list(kinds), batch=batch, batch_sizes=per_kind,
+      mode="train", config=args.config, tasks=list(kinds), batch=batch, batch_sizes=per_kind,
       steps=args.steps, warmup=args.warmup, dtype=config.model.dtype, remat=bool(config.model.remat),
       scan_layers=bool(config.model.scan_layers),
       examples_per_s=batch / median, step_time_median_s=median,
@@ -312,7 +219,7 @@ def bench_train(args) -> dict:
       # measure of the work than wall time; / step_time = cores kept busy.
       process_cpu_s_per_step=cpu_per_step, os_cpu_count=os.cpu_count(),
       compile_time_s=max(first_call - median, 0.0), first_call_s=first_call,
-      flops_per_step=step_flops, forward_flops=flops.forward_flops(config.model, sizes),
+      flops_per_step=step_flops, forward_flops=sum(sum(p.values()) for p in forward.values()),
       tflops_per_s=tflops, peak_tflops=peak,
       mfu=(tflops / (peak * len(devices))) if peak else None,
       peak_memory_bytes=mem, peak_memory_source=mem_source,
@@ -384,7 +291,7 @@ def compile_train_step(trainer, state, batches, rng):
   import jax
   from x2vlm_jax import sharding, train
 
-  step = train.make_train_step(trainer.model, trainer.tx, trainer.config.train, trainer.schedule)
+  step = train.make_train_step(trainer.model, trainer.tx, trainer.config, trainer.schedule)
   repl = sharding.replicated(trainer.mesh)
   jitted = jax.jit(step, in_shardings=(trainer.state_shardings,
                                        sharding.batch_sharding(trainer.mesh), repl),
@@ -415,41 +322,33 @@ def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dic
 # ---------------------------------------------------------------------------- data mode
 def bench_data(args) -> dict:
   import jax
-  from x2vlm_jax import train
-  from x2vlm_jax.data import demo, pipeline
+  from x2vlm_jax import tasks
+  from x2vlm_jax.data import demo
 
   config = load_config(args.config, args)
   config.unlock()
   d = config.data
-  if args.data_dir:
+  trained = tasks.training_tasks(config)
+  if args.data_dir:  # the tasks the demo dataset has training records for (train_<task>.jsonl)
     paths = demo.demo_paths(args.data_dir)
     if not os.path.exists(paths["readme"]):
       demo.make_demo_data(args.data_dir, num_train=200, num_val=10,
                           image_size=args.demo_image_size, seed=0)
     d.vocab_path = paths["vocab"]
-    d.image_text.files, d.image_text.image_root = (paths["train_image_text"],), args.data_dir
-    d.regions.files, d.regions.image_root = (paths["train_regions"],), args.data_dir
-    # The demo has no grounding training file; its validation records have the same format.
-    d.grounding.files, d.grounding.image_root = (paths["val_grounding"],), args.data_dir
+    for name in trained:
+      if f"train_{name}" in paths:
+        d[name].files, d[name].image_root = (paths[f"train_{name}"],), args.data_dir
   d.num_workers = 0
   d.read_threads = args.read_threads
   d.prefetch = 0  # measure the producer itself, not a buffer
   config.lock()
 
-  kinds = train.batch_kinds(config.train)
-  makers = {"image_text": pipeline.make_image_text_iterator,
-            "regions": pipeline.make_region_iterator,
-            "retrieval": pipeline.make_image_text_iterator,
-            "grounding": pipeline.make_grounding_iterator}
-  sub = {"image_text": d.image_text, "regions": d.regions, "retrieval": d.image_text,
-         "grounding": d.grounding}
   per_kind = {}
-  for kind in kinds:
-    if not sub[kind].files:
-      raise SystemExit(f"--data: config.data has no {kind} files; pass --data-dir DIR (the demo "
+  for name, task in trained.items():
+    if not d[name].files:
+      raise SystemExit(f"--data: config.data.{name}.files is empty; pass --data-dir DIR (the demo "
                        "dataset is written there if missing) or a config with data files")
-    it = makers[kind](d, image_res=config.model.image_res, patch_size=config.model.patch_size,
-                      seed=args.seed)
+    it = task.make_iterator(config, seed=args.seed)
     for _ in range(args.warmup):
       next(it)
     records = texts = 0
@@ -459,19 +358,19 @@ def bench_data(args) -> dict:
       records += int(batch["num_records"])
       texts += int(batch["text_ids"].shape[0])
     elapsed = time.perf_counter() - start
-    per_kind[kind] = dict(batches=args.steps, seconds=elapsed,
+    per_kind[name] = dict(batches=args.steps, seconds=elapsed,
                           batches_per_s=args.steps / elapsed,
                           records_per_s=records / elapsed,  # decoded + augmented images
                           examples_per_s=texts / elapsed,  # texts (pairs) in the batches
                           examples_per_s_per_thread=texts / elapsed / args.read_threads)
-  # The step consumes one batch of every kind: its input rate is limited by the slowest.
+  # The step consumes one batch of every task: its input rate is limited by the slowest.
   step_s = sum(1.0 / v["batches_per_s"] for v in per_kind.values())
-  batch = sum(examples_per_step(config, kinds).values())
+  batch = sum(examples_per_step(config).values())
   mem, mem_source = peak_memory([])
-  return dict(mode="data", config=args.config, data_dir=args.data_dir, kinds=list(kinds),
+  return dict(mode="data", config=args.config, data_dir=args.data_dir, tasks=list(trained),
               image_res=config.model.image_res, read_threads=args.read_threads,
               batches=args.steps, warmup=args.warmup, batch=batch,
-              examples_per_s=batch / step_s, per_kind=per_kind,
+              examples_per_s=batch / step_s, per_task=per_kind,
               peak_memory_bytes=mem, peak_memory_source=mem_source,
               cpu_count=os.cpu_count(), jax_version=jax.__version__, date=_now())
 
@@ -480,7 +379,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
-  parser.add_argument("--batch", type=int, default=0, help="texts (and images) per batch kind")
+  parser.add_argument("--batch", type=int, default=0, help="texts (and images) per batch of every trained task")
   parser.add_argument("--steps", type=int, default=10, help="timed steps (--data: batches)")
   parser.add_argument("--warmup", type=int, default=2,
                       help="untimed steps after the compiling call (--data: batches)")

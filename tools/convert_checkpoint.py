@@ -8,7 +8,8 @@
       --allow-missing 'text/mlm_*'
 
 Fails, listing every missing key, unexpected key and shape mismatch, when the checkpoint does not
-match the config. `--allow-missing PATTERN` (fnmatch on '/'-joined Flax paths, repeatable) lets the
+match the config (the config's tasks add their heads: a fine-tuned release converts with its
+fine-tuning config). `--allow-missing PATTERN` (fnmatch on '/'-joined Flax paths, repeatable) lets the
 named parameters start from a fresh init instead. The result loads with
 `x2vlm_jax.checkpoint.load_params(DIR)` and as `--config.init.checkpoint=DIR`.
 """
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from x2vlm_jax import checkpoint, convert  # noqa: E402
+from x2vlm_jax import checkpoint, convert, tasks  # noqa: E402
 from x2vlm_jax.configs_loader import load_config  # noqa: E402
 from x2vlm_jax.models import x2vlm  # noqa: E402
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = load_config(args.config)
-  model = x2vlm.build_model(config.model)
+  model = tasks.build_model(config)  # with the heads of the config's tasks
   try:
     params, fresh = convert.convert_checkpoint(args.checkpoint, model,
                                                allow_missing=tuple(args.allow_missing))

@@ -191,7 +191,11 @@ class Checkpointer:
       if not os.path.isdir(os.path.join(step_dir, item)):
         saved = sorted(d[len(_DATA_PREFIX):] for d in os.listdir(step_dir)
                        if d.startswith(_DATA_PREFIX))
-        raise ValueError(f"Checkpoint {step_dir} has no data iterator {name!r}; saved: {saved}.")
+        raise ValueError(
+            f"Checkpoint {step_dir} has no data iterator {name!r}; saved: {saved}. Its data "
+            "streams belong to other tasks (or to a version that named the task otherwise): "
+            "start a new workdir from it with --config.init.checkpoint="
+            f"{os.path.dirname(os.path.dirname(step_dir))}")
       items[item] = grain.checkpoint.CheckpointRestore(iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))

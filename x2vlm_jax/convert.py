@@ -2,7 +2,7 @@
 
 Accepted inputs: `torch.load(path)` giving `{'model': state_dict, ...}` or a bare state dict, with
 text keys as pre-training releases write them (`text_encoder.bert.*`, MLM head `text_encoder.cls.*`)
-or as fine-tuned releases write them (`text_encoder.*`, no MLM head); a VQA release's answer
+or as fine-tuned releases write them (`text_encoder.*`, no MLM head); a release with an answer
 decoder (`text_decoder.bert.*`, `text_decoder.cls.*`) goes to `answer_decoder/...`.
 
 XLM-R text encoders are rewritten onto that layout first (`canonical_keys`): a transformers
@@ -116,7 +116,7 @@ NAME_TABLE: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (r"(itm_head|bbox_head|cls_head)\.3\.bias", r"\1/dense_1/bias", _same),
 ]
 
-# The generative-VQA answer decoder's keys (converted with the text encoder's table).
+# The answer decoder's keys (converted with the text encoder's table).
 _ANSWER_DECODER_KEY = "text_decoder."
 
 # Keys that are checked against what they must equal rather than loaded.
@@ -129,17 +129,15 @@ _MLM_BIAS = re.compile(r"text_encoder\.cls\.predictions\.bias")
 _REL_TABLE_PATH = re.compile(r"vision/blocks_\d+/attn/relative_position_bias_table")
 
 
-# The reference names every task head `cls_head` (NLVR2: build_mlp(2H, 2); classification, e.g.
-# VQA over an answer list: build_mlp(H, num_labels)); the model config says which one this is.
-_TASK_HEADS = ("nlvr_cls", "vqa_head")
-
-
 def _task_head_path(path: str, target_shapes: Mapping[str, tuple]) -> str:
+  """The reference names every task head `cls_head` (build_mlp(k * H, outputs)); it goes to the
+  one task head of the model (`X2VLM.heads`, named by the task), found as the top-level subtree
+  with the same MLP layout that is none of the pre-training heads."""
   rest = path[len("cls_head/"):]
-  for head in _TASK_HEADS:
-    if f"{head}/{rest}" in target_shapes:
-      return f"{head}/{rest}"
-  return path
+  core = {"itm_head", "bbox_head", "vision", "text", "answer_decoder"}
+  heads = sorted({p.split("/", 1)[0] for p in target_shapes
+                  if p.split("/", 1)[0] not in core and p.endswith(f"/{rest}")})
+  return f"{heads[0]}/{rest}" if len(heads) == 1 else path
 
 
 def is_rel_pos_table(name: str) -> bool:
@@ -292,7 +290,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[s
   state = canonical_keys(state)
   decoder_keys = [k for k in state if k.startswith(_ANSWER_DECODER_KEY)]
   if decoder_keys:
-    # The generative-VQA decoder (reference `text_decoder.bert.*` / `text_decoder.cls.*`) has the
+    # The answer decoder (reference `text_decoder.bert.*` / `text_decoder.cls.*`) has the
     # text encoder's layout: convert it as one, onto `answer_decoder/...`.
     as_text = {"text_encoder." + k[len(_ANSWER_DECODER_KEY):]: state[k] for k in decoder_keys}
     decoder_shapes = {"text/" + p[len("answer_decoder/"):]: s
@@ -439,7 +437,7 @@ def params_for_model(state: Mapping[str, np.ndarray], model, *, allow_missing: t
 
 def answer_decoder_from_fusion(flat: Mapping[str, np.ndarray], *, text_layers: int,
                                fusion_layers: int, decoder_layers: int) -> dict[str, np.ndarray]:
-  """Initial generative-VQA decoder params from a pre-trained text stack (reference `XVLMForVQA`).
+  """Initial answer-decoder params from a pre-trained text stack (the reference's `text_decoder`).
 
   Decoder layer k <- text layer `text_layers + k` when the decoder is as deep as the fusion stack,
   or the odd fusion layers `text_layers + 2k + 1` when it is half as deep; the decoder's
@@ -452,7 +450,7 @@ def answer_decoder_from_fusion(flat: Mapping[str, np.ndarray], *, text_layers: i
   elif 2 * decoder_layers == fusion_layers:
     sources = [text_layers + 2 * k + 1 for k in range(decoder_layers)]
   else:
-    raise ValueError(f"model.vqa_decoder_layers {decoder_layers} must equal the fusion layers "
+    raise ValueError(f"the answer decoder's {decoder_layers} layers must equal the fusion layers "
                      f"({fusion_layers}) or half of them to initialise from them")
   out = {}
   for name, value in flat.items():

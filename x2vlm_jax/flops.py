@@ -15,22 +15,17 @@ Conventions:
     rematerialisation (`model.remat`), nor remove the work the backward skips (no gradient for
     the input images, none through the hard-negative sampling).
 
-What one objective runs (x2vlm_jax/objectives.py), with V = vision rows, T = texts, L = text
-length, S = 1 + (image_res / patch)^2 vision tokens, M = masked positions:
-
-  image_text: ViT on B images; text layers on B texts; vision_proj + text_proj on B rows;
-    ITC logits [B, B] and the hard-negative similarity [B, B]; the fusion layers on 3B rows
-    (positives, negative image, negative text) + the ITM head on 3B [CLS] rows; MLM = embeddings +
-    text layers + fusion layers on the B masked texts, then the MLM head on the B·M masked
-    positions only (`X2VLM.masked_token_logits` gathers them before the transform and the tied
-    decoder). Cross-attention keys/values are projected once per vision row: B rows shared by
-    the positive, negative-text and MLM texts of each image, B rows of negative images.
-  regions: ViT on N_img images (once per image; regions are pooled from patches, not re-encoded);
-    the same as above with B = R region texts; plus the fusion layers once more on R rows (whole
-    image vs. the text) and the box head on R [CLS] rows.
-  retrieval (fine-tuning): image_text without MLM (ITC + ITM only).
-  grounding (fine-tuning): ViT on B images, text layers on B texts, the fusion layers once on B
-    rows and the box head on B [CLS] rows (no ITC, ITM or MLM).
+Each task counts what its objective runs (`Task.forward_flops`, x2vlm_jax/tasks/) from the
+pieces here; with B = texts, L = text length, S = 1 + (image_res / patch)^2 vision tokens,
+M = masked positions, the shared aligning losses (`aligning_flops`) are: text layers on B texts;
+vision_proj + text_proj on B rows; ITC logits [B, B] and the hard-negative similarity [B, B]; the
+fusion layers on 3B rows (positives, negative image, negative text) + the ITM head on 3B [CLS]
+rows; MLM = embeddings + text layers + fusion layers on the B masked texts, then the MLM head on
+the B·M masked positions only (`X2VLM.masked_token_logits` gathers them before the transform and
+the tied decoder). Cross-attention keys/values are projected once per vision row: B rows shared by
+the positive, negative-text and MLM texts of each image, B rows of negative images. A box
+objective (`box_flops`) adds the fusion layers once more on B rows (whole image vs. the text) and
+the box head on B [CLS] rows.
 """
 from __future__ import annotations
 
@@ -42,12 +37,11 @@ from x2vlm_jax.models.vit import conv_stem_channels
 
 @dataclasses.dataclass(frozen=True)
 class BatchSizes:
-  """Sizes of one batch kind.
+  """Sizes of one task's batch.
 
-  images: images through the ViT (image-text, retrieval, grounding: B; regions: N_img =
-    regions.max_images).
-  texts: texts / rows of the losses (B; regions: R = regions.batch_size).
-  text_len: L (data.max_tokens). masks: M (data.max_masks).
+  images: images through the ViT (B; a region batch: its N_img images).
+  texts: texts / rows of the losses (B; a region batch: its R region texts).
+  text_len: L (data.max_tokens). masks: M (data.max_masks; 0 without MLM).
   """
   images: int
   texts: int
@@ -192,41 +186,33 @@ def mlm_head_flops(model_cfg, texts: int, masks: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ objectives
-KINDS = ("image_text", "regions", "retrieval", "grounding")
-
-
-def objective_forward_breakdown(model_cfg, kind: str, sizes: BatchSizes) -> dict[str, int]:
-  """Forward FLOPs of one batch kind's objective (one of `KINDS`), per component."""
-  if kind not in KINDS:
-    raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
-  b, L, s = sizes.texts, sizes.text_len, vision_tokens(model_cfg)
-  if kind == "grounding":
-    return {
-        "vit": vit_flops(model_cfg, sizes.images),
-        "text_encoder": text_encoder_flops(model_cfg, b, L),
-        "box_fusion": fusion_flops(model_cfg, b, L, s),
-        "box_head": mlp_head_flops(model_cfg, b, 4),
-    }
+def aligning_flops(model_cfg, sizes: BatchSizes, *, with_mlm: bool = True) -> dict[str, int]:
+  """`objectives.aligning_losses` on `sizes.texts` texts, per component (the vision encoder is
+  the caller's): text encoder, ITC, ITM fusion on 3B rows + head, and with MLM the masked texts
+  through every layer + the MLM head on the masked positions."""
+  b, length, s = sizes.texts, sizes.text_len, vision_tokens(model_cfg)
   out = {
-      "vit": vit_flops(model_cfg, sizes.images),
-      "text_encoder": text_encoder_flops(model_cfg, b, L),
+      "text_encoder": text_encoder_flops(model_cfg, b, length),
       "itc": projection_flops(model_cfg, b) + contrastive_flops(model_cfg, b),
       # 3B rows; keys/values of 2B vision rows: each text's own (shared by its positive,
       # negative-text and MLM rows) and the negative images.
-      "itm_fusion": fusion_flops(model_cfg, 3 * b, L, s, vision_rows=2 * b),
+      "itm_fusion": fusion_flops(model_cfg, 3 * b, length, s, vision_rows=2 * b),
       "itm_head": mlp_head_flops(model_cfg, 3 * b, 2),
-      # MLM re-runs the text layers on the masked ids, then the fusion layers, cross-attending to
-      # the keys/values the ITM positives computed.
-      "mlm_encoder": (text_encoder_flops(model_cfg, b, L)
-                      + fusion_flops(model_cfg, b, L, s, vision_rows=0)),
-      "mlm_head": mlm_head_flops(model_cfg, b, sizes.masks) if _mlm_head(model_cfg) else 0,
   }
-  if kind == "retrieval":
-    del out["mlm_encoder"], out["mlm_head"]
-  if kind == "regions":
-    out["box_fusion"] = fusion_flops(model_cfg, b, L, s)
-    out["box_head"] = mlp_head_flops(model_cfg, b, 4)
+  if with_mlm:
+    # MLM re-runs the text layers on the masked ids, then the fusion layers, cross-attending to
+    # the keys/values the ITM positives computed.
+    out["mlm_encoder"] = (text_encoder_flops(model_cfg, b, length)
+                          + fusion_flops(model_cfg, b, length, s, vision_rows=0))
+    out["mlm_head"] = mlm_head_flops(model_cfg, b, sizes.masks) if _mlm_head(model_cfg) else 0
   return out
+
+
+def box_flops(model_cfg, sizes: BatchSizes) -> dict[str, int]:
+  """Each text fused with its whole image (every vision token visible) and the box head."""
+  b, length = sizes.texts, sizes.text_len
+  return {"box_fusion": fusion_flops(model_cfg, b, length, vision_tokens(model_cfg)),
+          "box_head": mlp_head_flops(model_cfg, b, 4)}
 
 
 def _mlm_head(model_cfg) -> bool:
@@ -234,34 +220,3 @@ def _mlm_head(model_cfg) -> bool:
     return bool(_get(model_cfg, "mlm_head"))
   except (AttributeError, KeyError):
     return True
-
-
-def forward_flops(model_cfg, batch_kind_sizes: Mapping[str, BatchSizes]) -> int:
-  """Forward FLOPs of one step: the sum over its batch kinds ({kind: BatchSizes})."""
-  return sum(sum(objective_forward_breakdown(model_cfg, kind, sizes).values())
-             for kind, sizes in batch_kind_sizes.items())
-
-
-def train_step_flops(model_cfg, batch_kind_sizes: Mapping[str, BatchSizes]) -> int:
-  """FLOPs of one optimizer step: 3 x `forward_flops` (forward + backward, see the module doc)."""
-  return 3 * forward_flops(model_cfg, batch_kind_sizes)
-
-
-def batch_kind_sizes(config, kinds: tuple[str, ...]) -> dict[str, BatchSizes]:
-  """{kind: BatchSizes} of a full config (`config.data`) for the given batch kinds."""
-  d = config.data
-  out = {}
-  for kind in kinds:
-    if kind in ("image_text", "retrieval"):  # both read image_text batches
-      b = d.image_text.batch_size
-      out[kind] = BatchSizes(images=b, texts=b, text_len=d.max_tokens,
-                             masks=d.max_masks if kind == "image_text" else 0)
-    elif kind == "regions":
-      out[kind] = BatchSizes(images=d.regions.max_images, texts=d.regions.batch_size,
-                             text_len=d.max_tokens, masks=d.max_masks)
-    elif kind == "grounding":
-      b = d.grounding.batch_size
-      out[kind] = BatchSizes(images=b, texts=b, text_len=d.max_tokens, masks=0)
-    else:
-      raise ValueError(f"unknown batch kind {kind!r}; expected one of {KINDS}")
-  return out

@@ -1,4 +1,4 @@
-"""Inference on your own pictures: embeddings, image-text scores and grounding boxes.
+"""Inference on your own pictures: embeddings, image-text scores and the boxes texts refer to.
 
   from x2vlm_jax.configs_loader import load_config
   predictor = Predictor.load(load_config("configs/demo.py"), "runs/demo")  # workdir or params dir
@@ -14,8 +14,8 @@ boxes are in the pixels of the displayed (EXIF-rotated) original. Texts are clea
 as evaluation does ([CLS] WordPiece [SEP], padded to `max_tokens`).
 
 `images` arguments take one image, a sequence of them, or a stacked [N, H, W, 3] uint8 array;
-`texts` one string or a sequence. Encoding and grounding run through the jitted evaluation
-functions (`evaluate.retrieval.make_retrieval_fns`, `evaluate.grounding.make_grounding_fn`) in
+`texts` one string or a sequence. Encoding and scoring run through the jitted evaluation
+functions (`evaluate.retrieval.make_retrieval_fns`), boxes through `X2VLM.predict_box_in_image`, in
 fixed-size batches (the last one padded), so each function compiles once whatever the number of
 inputs.
 """
@@ -28,14 +28,13 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
+from x2vlm_jax import boxes
 from x2vlm_jax.data import eval_data, image_ops
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.evaluate import grounding, grounding_metrics, retrieval
+from x2vlm_jax.evaluate import common, retrieval
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
-
-# pylint: disable=protected-access
-_run_batched = retrieval._run_batched  # fixed-size batches, padding dropped
+_run_batched = common.run_batched  # fixed-size batches, padding dropped
 
 
 def load_image(image: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
@@ -54,9 +53,9 @@ def load_image(image: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
                                                             and image.shape[2] in (3, 4))):
       raise ValueError(f"image array must be uint8 [H, W, 3] (or [H, W] / [H, W, 4]), got "
                        f"{image.dtype} {list(image.shape)}")
-    return image_ops._to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    return image_ops.to_rgb(Image.fromarray(np.ascontiguousarray(image)))
   if isinstance(image, Image.Image):
-    return image_ops._to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image)
+    return image_ops.to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image)
   raise TypeError(f"expected an image path, PIL image or uint8 array, got {type(image).__name__}")
 
 
@@ -77,6 +76,13 @@ def encode_texts(texts: Sequence[str], tokenizer: text_lib.Tokenizer, max_tokens
                                   max_tokens, max_words)
   except eval_data.BadDataError as e:
     raise ValueError(str(e)) from e
+
+
+def _predict_boxes(m, images, ids, atts):
+  """Bound model: images [B, R, R, 3], texts ids/atts [B, L] -> [B, 4] float32 normalised
+  (cx, cy, w, h) of each text's box in its image."""
+  return m.predict_box_in_image(m.encode_image(images), m.encode_text(ids, atts),
+                                atts).astype(jax.numpy.float32)
 
 
 def _image_list(images) -> list:
@@ -114,20 +120,25 @@ class Predictor:
     self.max_words = self.max_tokens if max_words is None else int(max_words)
     self.batch_size = int(batch_size)
     self._fns = retrieval.make_retrieval_fns(model)
-    self._boxes = grounding.make_grounding_fn(model)
+    self._boxes = jax.jit(lambda p, x, i, a: model.apply(
+        {"params": p}, x, i, a, method=_predict_boxes))
 
   @classmethod
   def load(cls, config, checkpoint: str, vocab_path: str | None = None, *,
            batch_size: int = 8) -> "Predictor":
     """From a config and a training workdir (latest checkpoint in `checkpoint/checkpoints`) or an
-    Orbax params dir (`tools/convert_checkpoint.py`, `checkpoint.save_params`)."""
-    from x2vlm_jax import cli  # pylint: disable=import-outside-toplevel
+    Orbax params dir (`tools/convert_checkpoint.py`, `checkpoint.save_params`): the model of the
+    config with the heads of its tasks, loaded by `models.loading.load_params`."""
+    from x2vlm_jax import tasks  # pylint: disable=import-outside-toplevel
+    from x2vlm_jax.models import loading  # pylint: disable=import-outside-toplevel
 
     tokenizer = text_lib.load_tokenizer(vocab_path or config.data.vocab_path)
     if tokenizer.vocab_size > config.model.vocab_size:
       raise ValueError(f"vocab {tokenizer.vocab_path} has {tokenizer.vocab_size} tokens, more than "
                        f"config.model.vocab_size {config.model.vocab_size}")
-    model, params, _ = cli.load_eval_params(config, checkpoint, workdir=checkpoint)
+    model = tasks.build_model(config)
+    params, _ = loading.load_params(model, checkpoint,
+                                    ignore_unexpected=tuple(config.init.ignore_unexpected))
     return cls(model, params, tokenizer, config.model.image_res, config.data.max_tokens,
                max_words=config.data.max_words, batch_size=batch_size)
 
@@ -191,9 +202,9 @@ class Predictor:
     ids, atts = self.prepare_texts(texts)
     if len(ids) != len(pixels):
       raise ValueError(f"ground_batch: {len(pixels)} images but {len(ids)} texts")
-    boxes = _run_batched(lambda x, i, a: self._boxes(self.params, x, i, a), (pixels, ids, atts),
-                         self.batch_size, None)
-    return grounding_metrics.cxcywh_norm_to_xywh_pixels(np.asarray(boxes, np.float64), sizes)
+    predicted = _run_batched(lambda x, i, a: self._boxes(self.params, x, i, a),
+                             (pixels, ids, atts), self.batch_size, None)
+    return boxes.cxcywh_norm_to_xywh_pixels(np.asarray(predicted, np.float64), sizes)
 
   def ground(self, image: ImageLike, text: str) -> tuple[float, float, float, float]:
     """The box (x, y, w, h) of `text` in `image`, in original-image pixels."""

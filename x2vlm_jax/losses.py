@@ -117,7 +117,7 @@ def box_losses(pred: jax.Array, target: jax.Array, is_image: jax.Array | None = 
 def soft_bce_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Binary cross-entropy with soft targets, summed over classes, averaged over the batch.
 
-  logits, targets: [B, A] (targets in [0, 1], e.g. VQA answer scores). Returns a scalar.
+  logits, targets: [B, A] (targets in [0, 1], e.g. soft answer scores). Returns a scalar.
   """
   logits = logits.astype(jnp.float32)
   targets = targets.astype(jnp.float32)
@@ -139,8 +139,8 @@ def sequence_nll(logits: jax.Array, ids: jax.Array, atts: jax.Array) -> jax.Arra
 
 
 def weighted_answer_loss(answer_nll: jax.Array, weights: jax.Array) -> jax.Array:
-  """Generative VQA loss: answer NLLs [B, K] weighted by the answers' weights [B, K] (0 for
-  padding), summed, divided by the number of questions B (reference `XVLMForVQA`)."""
+  """The reference's answer-decoder loss: answer NLLs [B, K] weighted by the answers' weights
+  [B, K] (0 for padding), summed, divided by the number of questions B."""
   return jnp.sum(weights.astype(jnp.float32) * answer_nll) / answer_nll.shape[0]
 
 

@@ -85,10 +85,10 @@ def optim_config() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.98,
       eps=1e-8,
-      # Linear warm-up length: optimizer steps if ≥ 1, a fraction of total_steps if in (0, 1).
-      # A float so that both 2500 and 0.1 can be assigned.
+      # Linear warm-up length: optimizer steps if ≥ 1, a fraction of the run's steps
+      # (config.train.total_steps, where the lr reaches 0) if in (0, 1). A float so that both 2500
+      # and 0.1 can be assigned.
       warmup_steps=2500.0,
-      total_steps=0,  # optimizer steps until the lr reaches 0; must be set (> 0)
       grad_clip_norm=1.0,  # global-norm clipping of the (accumulated) gradient; 0 = off
       accumulate_steps=1,  # > 1: optax.MultiSteps, average k micro-batch gradients per update
       no_decay_rule="reference",  # a key of DECAY_RULES
@@ -214,7 +214,7 @@ def scale_by_param_group(scale_for: Callable[[str], float]) -> optax.GradientTra
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int | None = None
+def make_optimizer(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the AdamW chain and its (base) learning-rate schedule.
 
@@ -223,7 +223,7 @@ def make_optimizer(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: in
     params: the parameter tree (arrays, abstract or `nn.Partitioned`-boxed); only used to
       validate the tables against real names — the transformation itself works on any tree
       whose paths follow the same naming.
-    total_steps: overrides `optim_cfg.total_steps` (e.g. computed from epochs by the trainer).
+    total_steps: optimizer steps of the run (config.train.total_steps): the lr reaches 0 there.
 
   Returns:
     `(tx, schedule)`: `tx.update(grads, opt_state, params)` needs `params` (weight decay);
@@ -231,9 +231,9 @@ def make_optimizer(optim_cfg: Mapping[str, Any], params: Any, *, total_steps: in
     multiplier from `param_groups` for new parameters).
   """
   cfg = _cfg(optim_cfg)
-  total = int(cfg.total_steps if total_steps is None else total_steps)
+  total = int(total_steps)
   if total <= 0:
-    raise ValueError(f"config.optim.total_steps must be > 0 (optimizer steps); found {total}.")
+    raise ValueError(f"config.train.total_steps must be > 0 (optimizer steps); found {total}.")
   warmup = resolve_warmup_steps(cfg.warmup_steps, total)
   if not 0 <= warmup <= total:
     raise ValueError(f"config.optim.warmup_steps={cfg.warmup_steps} resolves to {warmup} steps, "

@@ -5,14 +5,16 @@ Training: "[CLS] a picture of <caption> [SEP]" (40 tokens at most); 60% of the c
 (at most 18, whole words, skipgrams) get a [MASK] inserted before them that sees only the
 tokens to its left and predicts them, label-smoothed KL loss (0.1). The pre-trained MLM head is
 kept (`model.mlm_head`); nothing is new. Evaluation: beam search (3 beams, 5..50 tokens, no
-repeated trigrams, length penalty 0) from "[CLS] a picture of", captions_<split>.json in the COCO
-result format, BLEU-4 and CIDEr-D as eval/caption/<split>/{bleu_4,cider}.
+repeated trigrams, length penalty 0) from "[CLS] a picture of", captioning_<split>.json in the
+COCO result format, BLEU-4 and CIDEr-D as eval/captioning/<split>/{bleu_4,cider}
+(x2vlm_jax/tasks/captioning.py).
 
 Hyper-parameters of configs/finetune/coco_captioning_large.yaml (the only released captioning
 config, used for `:large`; the default `:base` takes the same values): image_res 384, 16 images
-per GPU (8 GPUs assumed: the reference does not say whether 8 or 16), AdamW lr 5e-6 for the text stack and 1e-5 for the vision
-encoder (lr x lr_mult 2 on `vision/`), weight decay 0.01, 5 epochs, 5% warm-up, no clipping.
-566,747 training captions / 128 = 4,428 steps per epoch -> 22,140 steps.
+per GPU (8 GPUs assumed: the reference does not say whether 8 or 16), AdamW lr 5e-6 for the
+text stack and 1e-5 for the vision encoder (lr x lr_mult 2 on `vision/`), weight decay 0.01,
+5 epochs, 5% warm-up, no clipping. 566,747 training captions / 128 = 4,428 steps per epoch
+-> 22,140 steps.
 
   python main.py --config configs/finetune/coco_captioning.py:large --workdir runs/coco_cap \
       --config.init.checkpoint=ckpt/x2vlm_large_4m --config.data.vocab_path=bert/vocab.txt
@@ -21,17 +23,21 @@ encoder (lr x lr_mult 2 on `vision/`), weight decay 0.01, 5 epochs, 5% warm-up, 
 
 Records: train `{"image": relpath, "caption": str, "image_id"}` (coco_karpathy_train.json),
 test `{"image": relpath, "caption": [references]}` (coco_karpathy_test.json; the image id is the
-file name's trailing digits, as the reference's evaluation reads it).
+file name's trailing digits, as the reference's evaluation reads it). `:large` selects
+X2-VLM-large (`field=value` overrides too).
 """
 from configs import common
 
 
 def get_config(arg=None):
-  size = common.size_arg(arg)
-  config = common.finetune_config(size, image_res=384)
+  arg = common.parse_arg(arg, flags=tuple(common.MODEL_SIZES),
+                         file="configs/finetune/coco_captioning.py")
+  config = common.finetune_config(common.size_of(arg), image_res=384, task="captioning")
   config.model.mlm_head = True  # the captioner generates with the pre-trained MLM head
   config.init.ignore_unexpected = []
-  c = config.data.captioning
+  d = config.data
+  d.max_tokens = d.max_words = 40
+  c = d.captioning
   c.files = ["data/finetune/coco_karpathy/coco_karpathy_train.json"]
   c.image_root = "data/coco"
   c.prompt = "a picture of"
@@ -40,10 +46,8 @@ def get_config(arg=None):
   c.crop_scale_min = 0.5  # RandomResizedCrop(384, scale=(0.5, 1.0)), flip, RandAugment
   c.hflip_prob = 0.5
   c.randaug = True
-  config.data.max_tokens = config.data.max_words = 40
+  c.label_smoothing = 0.1
   t = config.train
-  t.captioning_weight = 1.0
-  t.caption_label_smoothing = 0.1
   t.total_steps = 22_140
   t.log_every_steps = 100
   t.checkpoint_every_steps = 4_428  # once per epoch
@@ -53,13 +57,8 @@ def get_config(arg=None):
   o.new_param_patterns = [r"^vision/"]  # vision_lr 1e-5 = 2 x (text_lr = lr = 5e-6)
   o.weight_decay = 0.01
   o.warmup_steps = 0.05
-  o.total_steps = t.total_steps
-  e = config.eval
-  e.caption_files = ["data/finetune/coco_karpathy/coco_karpathy_test.json"]
-  e.caption_image_root = "data/coco"
-  e.caption_beams = 3
-  e.caption_max_length = 50
-  e.caption_min_length = 5
-  e.caption_length_penalty = 0.0
-  e.batch_size = 32
-  return common.apply_arg(config, None)
+  config.evals.captioning = common.evaluator(
+      "captioning", files=("data/finetune/coco_karpathy/coco_karpathy_test.json",),
+      image_root="data/coco", beams=3, max_length=50, min_length=5, length_penalty=0.0,
+      batch_size=32)
+  return common.finish(config, arg)

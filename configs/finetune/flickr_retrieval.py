@@ -10,26 +10,28 @@ lr 3e-5, weight decay 0.01, 10 epochs with 10% warm-up, max_tokens 40, k_test 12
       --config configs/x2vlm_base.py --output ckpt/x2vlm_base_4m
   python main.py --config configs/finetune/flickr_retrieval.py --workdir runs/flickr_ret \
       --config.init.checkpoint=ckpt/x2vlm_base_4m --config.data.vocab_path=bert/vocab.txt \
-      --config.data.image_text.image_root=/data/flickr30k --config.eval.retrieval_image_root=/data/flickr30k
+      --config.data.retrieval.image_root=/data/flickr30k \
+      --config.evals.retrieval.image_root=/data/flickr30k
   python main.py --mode eval --config configs/finetune/flickr_retrieval.py \
       --checkpoint runs/flickr_ret --workdir runs/flickr_ret_eval --config.data.vocab_path=...
 
 Records: train `{"image": relpath, "caption": str, "image_id": ...}`, test
 `{"image": relpath, "caption": [str, ...]}` (JSON lists as the reference ships them, or JSONL).
-`:large` selects X2-VLM-large.
+arg: `large` selects X2-VLM-large; `field=value` overrides.
 """
 from configs import common
 from configs.finetune import coco_retrieval
 
 
 def get_config(arg=None):
-  config = coco_retrieval.get_config(arg)  # same recipe; Flickr30K data, length and k_test
-  config.unlock()
-  config.data.image_text.files = ["data/finetune/flickr30k_train.json"]
-  config.data.image_text.image_root = "data/flickr30k"
-  config.train.total_steps = config.optim.total_steps = 9_070
+  # The COCO recipe; Flickr30K data, length and k_test.
+  config, arg = coco_retrieval.recipe(arg, file="configs/finetune/flickr_retrieval.py")
+  config.data.retrieval.files = ["data/finetune/flickr30k_train.json"]
+  config.data.retrieval.image_root = "data/flickr30k"
+  config.train.total_steps = 9_070
   config.train.checkpoint_every_steps = 907  # once per epoch
-  config.eval.retrieval_file = "data/finetune/flickr30k_test.json"
-  config.eval.retrieval_image_root = "data/flickr30k"
-  config.eval.k_test = 128
-  return common.apply_arg(config, None)
+  e = config.evals.retrieval
+  e.file = "data/finetune/flickr30k_test.json"
+  e.image_root = "data/flickr30k"
+  e.k_test = 128
+  return common.finish(config, arg)

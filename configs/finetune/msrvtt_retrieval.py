@@ -22,43 +22,42 @@ augments frames independently; docs/differences_from_reference.md).
 
 Records: train `{"video": relpath, "caption": str, "video_id": ...}` (one per caption), test
 `{"video": relpath, "caption": [str, ...]}`; a path is a video file, a folder of frames or a
-JSON list of base64 frames (x2vlm_jax/data/video.py). `:large` selects X2-VLM-large.
+JSON list of base64 frames (x2vlm_jax/data/video.py). arg: `large` selects X2-VLM-large;
+`field=value` overrides (`msrvtt_retrieval.py:large,train.seed=1`).
 """
 from configs import common
 
 NUM_FRAMES = 5
 
 
-def video_finetune_config(arg):
-  """X2-VLM-`arg` at 224 px with NUM_FRAMES frame embeddings (new ones at lr x 2)."""
-  config = common.finetune_config(common.size_arg(arg), image_res=224)
+def video_recipe(arg, *, task: str, file: str):
+  """X2-VLM-`size` at 224 px trained on the video `task` with NUM_FRAMES frame embeddings (the
+  task adds them: fresh when the checkpoint lacks them, at lr x 2), unlocked, and the parsed arg."""
+  arg = common.parse_arg(arg, flags=tuple(common.MODEL_SIZES), file=file)
+  config = common.finetune_config(common.size_of(arg), image_res=224, task=task)
   config.model.num_frames = NUM_FRAMES
-  config.init.allow_missing = ["frame_pos_embed"]
   config.optim.lr_mult = 2.0
-  config.optim.new_param_patterns = [r"(^|/)frame_pos_embed$"]
   config.data.max_tokens = config.data.max_words = 40
-  return config
+  section = config.data[task]
+  section.num_frames = NUM_FRAMES
+  section.sampling = "random_segment"
+  section.crop_scale_min = 0.5
+  return config, arg
 
 
 def get_config(arg=None):
-  config = video_finetune_config(arg)
-  v = config.data.video_text
+  config, arg = video_recipe(arg, task="video_retrieval",
+                             file="configs/finetune/msrvtt_retrieval.py")
+  v = config.data.video_retrieval
   v.files = ["data/msrvtt/msrvtt_train_9k.jsonl"]
   v.video_root = "data/msrvtt/videos"
   v.batch_size = 160  # per host: one host with 8 GPUs x 20
-  v.num_frames = NUM_FRAMES
-  v.sampling = "random_segment"
-  v.crop_scale_min = 0.5
   t = config.train
-  t.video_retrieval_weight = 1.0
   t.total_steps = 11_250
   t.log_every_steps = 100
   t.checkpoint_every_steps = 1_125  # once per epoch
   config.optim.lr = 3e-5
-  config.optim.total_steps = t.total_steps
-  e = config.eval
-  e.video_retrieval_file = "data/msrvtt/msrvtt_test_1ka.jsonl"
-  e.video_root = "data/msrvtt/videos"
-  e.video_k_test = 128
-  e.batch_size = 64
-  return common.apply_arg(config, None)
+  config.evals.video_retrieval = common.evaluator(
+      "video_retrieval", file="data/msrvtt/msrvtt_test_1ka.jsonl", video_root="data/msrvtt/videos",
+      k_test=128, batch_size=64)
+  return common.finish(config, arg)

@@ -19,13 +19,13 @@ image_res 384, 20 pairs per GPU on 8 GPUs (global batch 160), lr 3e-5, weight de
   python main.py --config configs/finetune/multilingual_retrieval.py --workdir runs/m30k \
       --config.init.checkpoint=ckpt/cclm_base_384 \
       --config.data.vocab_path=xlm-roberta-base/sentencepiece.bpe.model \
-      --config.data.image_text.image_root=/data/flickr30k \
-      --config.eval.multilingual_retrieval_image_root=/data/flickr30k
+      --config.data.retrieval.image_root=/data/flickr30k \
+      --config.evals.retrieval.image_root=/data/flickr30k
 
 Records: train `{"image", "caption": str, "image_id"}` (one file per language, as CCLM's
 train.<lang>.json); test `{"image", "caption": {"en": [..], "de": [..], ...}}`, one record per
 image -> eval/retrieval/<lang>/{txt_r1,...,r_mean} and eval/retrieval/mean/....
-Arg: `base` (default) or `large`, optionally followed by `,field=value` overrides.
+arg: `base` (default) or `large`, and `field=value` overrides.
 """
 from configs import common
 
@@ -37,33 +37,28 @@ XLMR_TEXT_LAYERS = {"base": 12, "large": 24}
 
 
 def get_config(arg=None):
-  size, _, overrides = (arg or "").partition(",")
-  size = common.size_arg(size or None)
-  config = common.finetune_config(size, image_res=384)
+  arg = common.parse_arg(arg, flags=tuple(common.MODEL_SIZES),
+                         file="configs/finetune/multilingual_retrieval.py")
+  size = common.size_of(arg)
+  config = common.finetune_config(size, image_res=384, task="retrieval")
   config.model.update(XLMR_TEXT)
   config.model.text_layers = XLMR_TEXT_LAYERS[size]
   d = config.data
   d.vocab_path = ""  # required: XLM-R's sentencepiece.bpe.model (see the module docstring)
   d.max_tokens = d.max_words = 40
-  d.image_text.files = ["data/finetune/multi30k/train.en.json",
-                        "data/finetune/multi30k/train.de.json",
-                        "data/finetune/multi30k/train.fr.json",
-                        "data/finetune/multi30k/train.cs.json"]
-  d.image_text.image_root = "data/flickr30k"
-  d.image_text.batch_size = 160  # per host: one host with 8 GPUs = the reference's 8 x 20
-  d.image_text.crop_scale_min = 0.5
-  d.image_text.randaug = True
+  r = d.retrieval
+  r.files = ["data/finetune/multi30k/train.en.json", "data/finetune/multi30k/train.de.json",
+             "data/finetune/multi30k/train.fr.json", "data/finetune/multi30k/train.cs.json"]
+  r.image_root = "data/flickr30k"
+  r.batch_size = 160  # per host: one host with 8 GPUs = the reference's 8 x 20
+  r.crop_scale_min = 0.5
+  r.randaug = True
   t = config.train
-  t.retrieval_weight = 1.0
   t.total_steps = 7_250
   t.log_every_steps = 50
   t.checkpoint_every_steps = 725  # once per epoch
   config.optim.lr = 3e-5
-  config.optim.total_steps = t.total_steps
-  e = config.eval
-  e.multilingual_retrieval_file = "data/finetune/multi30k/test_2016_flickr.json"
-  e.multilingual_retrieval_image_root = "data/flickr30k"
-  e.multilingual_retrieval_languages = ("en", "de", "fr", "cs")
-  e.k_test = 128
-  e.batch_size = 64
-  return common.apply_arg(config, overrides or None)
+  config.evals.retrieval = common.evaluator(
+      "multilingual_retrieval", file="data/finetune/multi30k/test_2016_flickr.json",
+      image_root="data/flickr30k", languages=("en", "de", "fr", "cs"), k_test=128, batch_size=64)
+  return common.finish(config, arg)

@@ -13,13 +13,16 @@ RefCOCO+ train holds 120,191 expressions / 160 = 752 steps per epoch -> 7,520 st
 
 Records `{"image": relpath, "text": str, "bbox": [x, y, w, h]}` (COCO pixels; the reference reads
 the box from the REFER annotations by ref_id: write it into the record once). `:large` selects
-X2-VLM-large. Reference differences: text/cross drop-path 0.1 is not implemented.
+X2-VLM-large (`field=value` overrides too). Reference differences: text/cross drop-path 0.1 is
+not implemented.
 """
 from configs import common
 
 
 def get_config(arg=None):
-  config = common.finetune_config(common.size_arg(arg), image_res=384)
+  arg = common.parse_arg(arg, flags=tuple(common.MODEL_SIZES),
+                         file="configs/finetune/refcoco_grounding.py")
+  config = common.finetune_config(common.size_of(arg), image_res=384, task="grounding")
   d = config.data
   d.max_tokens = d.max_words = 40
   g = d.grounding
@@ -29,15 +32,12 @@ def get_config(arg=None):
   g.random_crop = True
   g.randaug = True
   t = config.train
-  t.grounding_weight = 1.0
   t.total_steps = 7_520
   t.log_every_steps = 100
   t.checkpoint_every_steps = 752  # once per epoch
   config.optim.lr = 1e-5
-  config.optim.total_steps = t.total_steps
-  e = config.eval
-  e.grounding_files = [f"data/finetune/refcoco+_{split}.json" for split in ("val", "testA", "testB")]
-  e.grounding_image_root = "data/coco"
-  e.grounding_plus_one = True
-  e.batch_size = 64
-  return common.apply_arg(config, None)
+  config.evals.grounding = common.evaluator(
+      "grounding", files=tuple(f"data/finetune/refcoco+_{split}.json"
+                               for split in ("val", "testA", "testB")),
+      image_root="data/coco", plus_one=True, batch_size=64)
+  return common.finish(config, arg)

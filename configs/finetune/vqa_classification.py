@@ -17,35 +17,31 @@ appended to the file list): 5 epochs / 64 per step = 51,415 steps on one host.
   python tools/score_vqa.py --predictions runs/vqa_eval/vqa_vqa_val_eval.json \
       --annotations v2_mscoco_val2014_annotations.json
 
-Records `{"question_id", "image": relpath, "question", "answer": [10 answers] | str}`. `:large`
-selects X2-VLM-large.
+Records `{"question_id", "image": relpath, "question", "answer": [10 answers] | str}`. arg:
+`large` selects X2-VLM-large; `field=value` overrides.
 """
 from configs import common
 
 
 def get_config(arg=None):
-  config = common.finetune_config(common.size_arg(arg), image_res=768)
-  config.model.vqa_num_answers = 3129  # = len(data.vqa.answer_list), checked at start-up
+  arg = common.parse_arg(arg, flags=tuple(common.MODEL_SIZES),
+                         file="configs/finetune/vqa_classification.py")
+  config = common.finetune_config(common.size_of(arg), image_res=768, task="vqa")
   d = config.data
   d.max_tokens = d.max_words = 40
   v = d.vqa
   v.files = ["data/finetune/vqa_train.json", "data/finetune/vqa_val.json"]
   v.image_root = "data/coco"
   v.answer_list = "data/finetune/answer_list.json"
+  v.num_answers = 3129  # = len(answer_list), checked at start-up
   v.batch_size = 64  # per host: 8 GPUs x 8
   t = config.train
-  t.vqa_weight = 1.0
   t.total_steps = 51_415
   t.log_every_steps = 100
   t.checkpoint_every_steps = 5_000
-  config.init.allow_missing = ["vqa_head/*"]
   o = config.optim
   o.lr = 4e-5
-  o.lr_mult = 2.0
-  o.new_param_patterns = [r"^vqa_head/"]
-  o.total_steps = t.total_steps
-  e = config.eval
-  e.vqa_files = ["data/finetune/vqa_val_eval.json"]
-  e.vqa_image_root = "data/coco"
-  e.batch_size = 64
-  return common.apply_arg(config, None)
+  o.lr_mult = 2.0  # the new head
+  config.evals.vqa = common.evaluator(
+      "vqa", files=("data/finetune/vqa_val_eval.json",), image_root="data/coco", batch_size=64)
+  return common.finish(config, arg)

@@ -1,9 +1,9 @@
-"""Data pipeline of x2vlm_jax: grain sources, image/box/text ops, MLM masking, batches, eval sets.
+"""Data pipeline of x2vlm_jax: the shared ops the tasks (x2vlm_jax/tasks/) build their data from.
 
-Modules: config (data_config), records (JSONL / ArrayRecord / TFDS sources), image_ops, boxes,
-text (pre_caption, tokenizer, MLM masking), examples (per-record processing), pipeline (grain
-iterators, BadDataError), eval_data (retrieval / grounding evaluation sets), demo (synthetic data),
-video (PyAV decoding, frame folders, frame sampling), video_examples (video-text / video-QA
-records, batches and evaluation sets).
-Shapes are documented in pipeline.py and eval_data.py.
+Modules: config (the shared data fields, section builders), records (JSONL / ArrayRecord / TFDS
+sources), image_ops, text (pre_caption, tokenizers, MLM masking), examples (record -> example
+processors shared by several tasks), pipeline (grain iterators, the bad-record budget, shared
+collate functions), eval_data (evaluation records, texts and lazily decoded images), video (PyAV
+decoding, frame folders, frame sampling), video_examples (video records and clips), synthetic
+(random batches for benchmarks), demo (the synthetic demo dataset). Box math is x2vlm_jax/boxes.py.
 """

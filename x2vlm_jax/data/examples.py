@@ -1,33 +1,29 @@
-"""Per-record processing: a raw record -> one training example, or a `BadExample` to be skipped.
+"""Per-record processing shared by the tasks: a raw record -> one example, or a `BadExample`.
 
-Image-text example (R = image_res, L = max_tokens, M = max_masks):
+A task (x2vlm_jax/tasks/) builds its examples with a `Processor` subclass; the ones here are the
+record kinds several tasks read:
+
+`ImageTextProcessor` (image_text, retrieval): an {"image", "caption"} record ->
   image [R, R, 3] f32; text_ids, text_atts, text_ids_masked [L] i32; masked_pos, masked_ids [M] i32;
   image_idx i32: a stable 31-bit hash of the record's image_id (or of its image path), so that
   retrieval fine-tuning can tell captions of the same image apart from negatives.
   Transform: RandomResizedCrop(scale=(crop_scale_min, 1), ratio 3/4..4/3, bicubic) -> horizontal
   flip (p = hflip_prob; "left"/"right" swapped in the caption unless swap_left_right_on_flip is
   False) -> RandAugment(N, M) with colour and geometric ops -> CLIP normalisation.
+  (R = image_res, L = max_tokens, M = max_masks.)
 
-Region example (one image, REFERENCE_DETAILED §3.3):
-  image [R, R, 3] f32 and `pairs`, a list of at most max_regions dicts, each with the text fields
-  above plus image_atts [1+P] i32, target_bbox [4] f32 (cx, cy, w, h in [0, 1]), is_image f32.
+`RegionProcessor` (regions, and the box tasks built on it): an {"image", "elems": [{"bbox",
+  "caption"}, ...]} record (REFERENCE_DETAILED §3.3) -> image [R, R, 3] f32 and `pairs`, a list of
+  at most max_regions dicts, each with the text fields above plus image_atts [1+P] i32,
+  target_bbox [4] f32 (cx, cy, w, h in [0, 1]), is_image f32.
   A random valid element anchors a random crop containing it; flip; resize to R x R;
   colour-only RandAugment; an image-level caption gives one pair with all-ones image_atts and
   target [0.5, 0.5, 1, 1], is_image = 1; elements whose clipped-area / area <= min_perc_in_image
   are dropped.
 
-Grounding example (RefCOCO-style `{"image", "text", "bbox"}` record, fine-tuning):
-  image [R, R, 3] f32, text fields [L] i32, target_bbox [4] f32. Processed as a region record
-  with one element and no image caption: random crop keeping the box, flip (text rewritten),
-  resize, colour-only RandAugment.
-
-VQA example (`{"question_id", "image", "question", "answer"}`): image [R, R, 3] f32, question
-text fields [L] i32, answer_targets [A] f32 (VqaProcessor); for the generative decoder
-answer_ids, answer_atts [K, La] i32 and answer_weights [K] f32 instead (VqaAnswerProcessor). NLVR2 example (`{"images": [a, b],
-"sentence", "label"}`): image0, image1 [R, R, 3] f32, text fields [L] i32, label i32.
-
-Captioning examples (UniLM-style MLM generation, `{"image", "caption"}` records) are built by
-`captioning.CaptionProcessor`, a `_Processor` like these; video ones in `video_examples.py`.
+`QuestionProcessor` (question-answering tasks): the question's text fields and the augmented
+  image of a {"image", "question", "answer"} record, never flipped when the question or an answer
+  says "left" or "right" (reference); subclasses turn the answers into targets.
 
 Bad records (missing / undecodable image, malformed JSON, empty caption, no valid box) become
 `BadExample(where, reason)` and are logged with `logging.warning`; bad elements inside a good
@@ -46,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from x2vlm_jax.data import boxes as box_ops
+from x2vlm_jax import boxes as box_ops
 from x2vlm_jax.data import image_ops
 from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
@@ -90,14 +86,14 @@ def load_record_image(
   if isinstance(value, np.ndarray):
     if value.dtype != np.uint8 or value.ndim not in (2, 3):
       raise BadRecordError(f"image array has dtype {value.dtype} and shape {value.shape}")
-    return image_ops._to_rgb(Image.fromarray(value))  # pylint: disable=protected-access
+    return image_ops.to_rgb(Image.fromarray(value))
   if not isinstance(value, str) or not value:
     raise BadRecordError(f"{image_key!r} is not a path string: {value!r:.80}")
   path = value if os.path.isabs(value) or not image_root else os.path.join(image_root, value)
   return image_ops.decode_image(path, exif_transpose=exif_transpose, max_pixels=max_pixels)
 
 
-def _as_text_list(value: Any) -> list[str]:
+def text_list(value: Any) -> list[str]:
   """str | [str] | {lang: str} -> list of strings (non-strings dropped)."""
   if isinstance(value, str):
     return [value]
@@ -108,7 +104,7 @@ def _as_text_list(value: Any) -> list[str]:
   return []
 
 
-def _valid_captions(values: Sequence[str], encoder: text_lib.TextEncoder,
+def valid_captions(values: Sequence[str], encoder: text_lib.TextEncoder,
                     errors: list[str] | None = None) -> list[str]:
   """The captions that survive pre_caption and tokenisation; reasons of the others in `errors`."""
   out = []
@@ -123,7 +119,7 @@ def _valid_captions(values: Sequence[str], encoder: text_lib.TextEncoder,
   return out
 
 
-def _pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:
+def pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:
   return values[int(rng.integers(0, len(values)))]
 
 
@@ -133,8 +129,11 @@ def stable_id(value: Any) -> int:
   return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-class _Processor:
-  """Shared parts: config, text encoder, error capture. Subclasses implement `process`."""
+class Processor:
+  """Shared parts: config, text encoder, error capture. Subclasses implement `process`.
+
+  cfg: `config.data` (the shared fields); sub: the task's section (`config.data.<task>`).
+  """
 
   def __init__(self, cfg, sub, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
     self.image_res = int(image_res)
@@ -172,11 +171,11 @@ class _Processor:
   def _choose_caption(self, rec: dict, rng: np.random.Generator) -> str:
     """A random usable caption of `rec[caption_key]` (str or list); BadRecordError if none."""
     errors: list[str] = []
-    captions = _valid_captions(_as_text_list(rec.get(self.caption_key)), self.encoder, errors)
+    captions = valid_captions(text_list(rec.get(self.caption_key)), self.encoder, errors)
     if not captions:
       detail = errors[0] if errors else f"found {rec.get(self.caption_key)!r:.80}"
       raise BadRecordError(f"no usable caption in {self.caption_key!r} ({detail})")
-    return _pick(rng, captions)
+    return pick(rng, captions)
 
   def _flip_text(self, text: str, flipped: bool) -> str:
     return text_lib.swap_left_right(text) if flipped and self.swap_left_right else text
@@ -202,13 +201,13 @@ class _Processor:
     raise NotImplementedError
 
 
-class ImageTextProcessor(_Processor):
+class ImageTextProcessor(Processor):
   """Raw image-text record -> image-text example (see the module docstring)."""
 
-  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
-    super().__init__(cfg, cfg.image_text, image_res, patch_size, encoder)
-    self.crop_scale = (float(cfg.image_text.crop_scale_min), 1.0)
-    self.image_id_key = cfg.image_text.image_id_key
+  def __init__(self, cfg, sub, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
+    super().__init__(cfg, sub, image_res, patch_size, encoder)
+    self.crop_scale = (float(sub.crop_scale_min), 1.0)
+    self.image_id_key = sub.image_id_key
 
   def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
     caption = self._choose_caption(rec, rng)
@@ -224,21 +223,19 @@ class ImageTextProcessor(_Processor):
     return out
 
 
-class RegionProcessor(_Processor):
+class RegionProcessor(Processor):
   """Raw region record -> region example (image + list of region-text pairs)."""
 
-  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder,
-               sub=None):
-    """sub: the dataset's sub-config (default `cfg.regions`); without `max_regions`, one pair."""
-    sub = cfg.regions if sub is None else sub
+  def __init__(self, cfg, sub, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
+    """sub: the task's section; without `max_regions`, one pair per record."""
     super().__init__(cfg, sub, image_res, patch_size, encoder)
     self.max_regions = int(sub.get("max_regions", 1))
     self.min_perc = float(sub.min_perc_in_image)
     self.region_crop = bool(sub.random_crop)
 
   def _elem_texts(self, elem: dict) -> tuple[list[str], list[str]]:
-    captions = _as_text_list(elem.get("caption"))
-    attributes = [a for a in _as_text_list(elem.get("attributes")) if a.strip()]
+    captions = text_list(elem.get("caption"))
+    attributes = [a for a in text_list(elem.get("attributes")) if a.strip()]
     return captions, attributes
 
   def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
@@ -257,7 +254,7 @@ class RegionProcessor(_Processor):
         continue
       captions, attributes = self._elem_texts(elem)
       # An attribute prefix can only add words, so validating the bare captions suffices.
-      captions = _valid_captions(captions, self.encoder)
+      captions = valid_captions(captions, self.encoder)
       if not captions:
         dropped.append(f"elem {k}: no usable caption")
         continue
@@ -281,9 +278,9 @@ class RegionProcessor(_Processor):
       logger.warning("Record %s: dropped %d of %d regions (%s)", where, len(dropped), len(elems),
                      "; ".join(dropped[:5]))
 
-    image_captions = _valid_captions(_as_text_list(rec.get(self.caption_key)), self.encoder)
+    image_captions = valid_captions(text_list(rec.get(self.caption_key)), self.encoder)
 
-    anchor = box_ops.clip_box(_pick(rng, inside)[0], width, height)
+    anchor = box_ops.clip_box(pick(rng, inside)[0], width, height)
     if self.region_crop:
       x0, y0, x1, y1 = image_ops.region_crop_params(anchor, width, height, rng)
     else:  # whole image: boxes keep the scale they have at evaluation
@@ -301,7 +298,7 @@ class RegionProcessor(_Processor):
     pairs = []
     budget = self.max_regions
     if image_captions:
-      caption = self._flip_text(_pick(rng, image_captions), flipped)
+      caption = self._flip_text(pick(rng, image_captions), flipped)
       pair = self.encoder(caption, rng)
       pair["image_atts"] = box_ops.full_patch_mask(r, self.patch_size)
       pair["target_bbox"] = np.array([0.5, 0.5, 1.0, 1.0], np.float32)
@@ -318,9 +315,9 @@ class RegionProcessor(_Processor):
       if flipped:
         b = box_ops.flip_box(b, cw)
       b = box_ops.scale_box(b, r / cw, r / ch)
-      caption = _pick(rng, captions)
+      caption = pick(rng, captions)
       if attributes:
-        caption = _pick(rng, attributes) + " " + caption
+        caption = pick(rng, attributes) + " " + caption
       pair = self.encoder(self._flip_text(caption, flipped), rng)
       pair["image_atts"] = box_ops.box_patch_mask(b, r, self.patch_size)
       pair["target_bbox"] = box_ops.box_target(b, r)
@@ -332,185 +329,67 @@ class RegionProcessor(_Processor):
     return {"image": image_ops.normalize(img), "pairs": pairs}
 
 
-class GroundingProcessor(RegionProcessor):
-  """`{"image", "text", "bbox"}` record -> grounding example (image, text fields, target_bbox)."""
-
-  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
-    super().__init__(cfg, image_res, patch_size, encoder, sub=cfg.grounding)
-
-  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
-    text, box = rec.get(self.caption_key), rec.get("bbox")
-    if not isinstance(text, str):
-      raise BadRecordError(f"{self.caption_key!r} must be a string, found {text!r:.80}")
-    if not isinstance(box, list) or len(box) != 4:
-      raise BadRecordError(f"'bbox' must be [x, y, w, h], found {box!r:.80}")
-    # One element and no image-level caption: the region path crops, flips and scales the box.
-    region_rec = {k: v for k, v in rec.items() if k not in (self.caption_key, "bbox")}
-    region_rec["elems"] = [{"bbox": box, "caption": text}]
-    region = super().process(where, region_rec, rng)
-    pair = region["pairs"][0]
-    keys = ("text_ids", "text_atts", "target_bbox")
-    return {"image": region["image"], **{k: pair[k] for k in keys}}
-
-
-def load_answer_list(path: str) -> list[str]:
-  """The VQA candidate answers: a JSON list of strings (the reference's answer_list.json)."""
-  import json
-
-  if not path:
-    raise ValueError("config.data.vqa.answer_list is empty: VQA needs the candidate answer list")
-  with open(path) as f:
-    answers = json.load(f)
-  if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-    raise ValueError(f"{path}: expected a JSON list of answer strings")
-  if len(set(answers)) != len(answers):
-    raise ValueError(f"{path}: the answer list has duplicates")
-  return answers
-
-
-def vqa_answer_targets(answers: Any, answer_index: dict[str, int]) -> np.ndarray:
-  """Soft targets [A] f32: min(1, count / 3) per listed answer for a list of human answers
-  (VQA's accuracy of that answer), 1.0 for a single string answer (VG QA). Answers outside the
-  list get no target."""
-  targets = np.zeros((len(answer_index),), np.float32)
-  if isinstance(answers, str):
-    answers = [answers]
-    per_vote = 1.0
-  else:
-    answers = _as_text_list(answers)
-    per_vote = 1.0 / 3.0
-  for a in answers:
-    k = answer_index.get(a.strip().lower())
-    if k is not None:
-      targets[k] = min(1.0, targets[k] + per_vote)
-  return targets
-
-
-def vqa_answer_weights(answers: Any, vg_weight: float = 0.5) -> list[tuple[str, float]]:
-  """Distinct answers and their weights for the generative decoder (reference `vqa_dataset`):
-  a list of human answers gives count(a) / len(answers) each (VQA); a single string answer gets
-  `vg_weight` (VG QA). Sorted by weight, then text, highest first."""
-  if isinstance(answers, str):
-    return [(answers.strip(), float(vg_weight))]
-  answers = [a.strip() for a in _as_text_list(answers)]
-  counts: dict[str, int] = {}
-  for a in answers:
-    counts[a] = counts.get(a, 0) + 1
-  weighted = [(a, c / len(answers)) for a, c in counts.items()]
-  return sorted(weighted, key=lambda item: (-item[1], item[0]))
-
-
-def tokenize_answers(answers: Sequence[str], tokenizer: text_lib.Tokenizer,
-                     max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-  """Answers -> (ids, atts) [N, max_tokens] i32: `[CLS] answer [SEP]` padded (cut to fit, [SEP]
-  kept), as the decoder reads them in training and when ranking the answer list."""
-  ids = np.full((len(answers), max_tokens), tokenizer.pad_id, np.int32)
-  atts = np.zeros((len(answers), max_tokens), np.int32)
-  for n, answer in enumerate(answers):
-    ids[n], atts[n] = text_lib.pad_ids(
-        text_lib.add_specials(tokenizer.encode(answer.lower()), tokenizer, max_tokens),
-        max_tokens, tokenizer.pad_id)
-  return ids, atts
-
-
-class VqaProcessor(_Processor):
-  """`{"question_id", "image", "question", "answer": [str] | str}` -> VQA example: image, question
-  text fields, answer_targets [A] f32 (see `vqa_answer_targets`).
+class QuestionProcessor(Processor):
+  """Question-answering records `{"image", "question", "answer": [str] | str}`: the question's
+  text fields and the augmented image (module docstring); `process` is the subclass's.
 
   Transform: RandomResizedCrop(scale=(crop_scale_min, 1)) -> flip (p = hflip_prob) only when
   neither the question nor an answer says "left" or "right" (reference) -> RandAugment.
   """
 
-  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
-    super().__init__(cfg, cfg.vqa, image_res, patch_size, encoder)
-    self.crop_scale = (float(cfg.vqa.crop_scale_min), 1.0)
-    self.answer_key = cfg.vqa.answer_key
-    self._init_answers(cfg.vqa)
+  def __init__(self, cfg, sub, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
+    super().__init__(cfg, sub, image_res, patch_size, encoder)
+    self.crop_scale = (float(sub.crop_scale_min), 1.0)
+    self.answer_key = sub.answer_key
 
-  def _init_answers(self, vqa_cfg) -> None:
-    answers = load_answer_list(vqa_cfg.answer_list)
-    self.answer_index = {a.strip().lower(): k for k, a in enumerate(answers)}
-
-  def _question_and_image(self, rec: dict, rng: np.random.Generator) -> tuple[dict, Any]:
+  def question_and_image(self, rec: dict, rng: np.random.Generator) -> tuple[dict, Any]:
     """Question text fields + augmented image; returns (fields, the record's answers)."""
     question = rec.get(self.caption_key)
     if not isinstance(question, str):
       raise BadRecordError(f"{self.caption_key!r} must be a string, found {question!r:.80}")
     answers = rec.get(self.answer_key)
-    if not (isinstance(answers, str) and answers.strip()) and not _as_text_list(answers):
+    if not (isinstance(answers, str) and answers.strip()) and not text_list(answers):
       raise BadRecordError(f"no answer in {self.answer_key!r} (found {answers!r:.80})")
     out = self.encoder(question, rng)  # raises EmptyCaptionError for an empty question
-    words = " ".join([question] + _as_text_list(answers)).lower().split()
+    words = " ".join([question] + text_list(answers)).lower().split()
     may_flip = "left" not in words and "right" not in words
     flipped = may_flip and bool(rng.random() < self.hflip_prob)
     out["image"] = self._augment(self._image(rec), rng, self.crop_scale, flipped)
     return out, answers
 
-  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
-    out, answers = self._question_and_image(rec, rng)
-    out["answer_targets"] = vqa_answer_targets(answers, self.answer_index)
-    return {k: out[k] for k in ("image", "text_ids", "text_atts", "answer_targets")}
+
+def load_answer_list(path: str, field: str) -> list[str]:
+  """Candidate answers: a JSON list of distinct strings (the reference's answer_list.json), or
+  an {answer: label} object with labels 0..A-1 (the reference's `ans2label` files), in label
+  order. `field` names the config field in messages."""
+  import json
+
+  if not path:
+    raise ValueError(f"{field} is empty: the task needs its candidate answer list")
+  try:
+    with open(path) as f:
+      answers = json.load(f)
+  except FileNotFoundError as e:
+    raise ValueError(f"{field}: no file {path}") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{field}: {path} is not JSON ({e})") from e
+  if isinstance(answers, dict):
+    labels = sorted(answers.values()) if all(isinstance(v, int) for v in answers.values()) else []
+    if labels != list(range(len(answers))):
+      raise ValueError(f"{path}: an answer -> label object must map to the labels "
+                       f"0..{len(answers) - 1}")
+    answers = sorted(answers, key=answers.get)
+  if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+    raise ValueError(f"{path}: expected a JSON list of answer strings or an {{answer: label}} "
+                     "object")
+  if len({a.strip().lower() for a in answers}) != len(answers):
+    raise ValueError(f"{path}: the answer list has duplicates")
+  return answers
 
 
-class VqaAnswerProcessor(VqaProcessor):
-  """VQA for the generative answer decoder: image and question as `VqaProcessor`, plus the
-  record's distinct answers as decoder inputs: answer_ids, answer_atts [K, La] i32
-  (K = vqa.max_answers, La = vqa.answer_max_tokens) and answer_weights [K] f32
-  (`vqa_answer_weights`; 0 for padding rows). No answer list is needed: any answer trains."""
-
-  def _init_answers(self, vqa_cfg) -> None:
-    self.max_answers = int(vqa_cfg.max_answers)
-    self.answer_max_tokens = int(vqa_cfg.answer_max_tokens)
-    self.vg_weight = float(vqa_cfg.vg_answer_weight)
-
-  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
-    out, answers = self._question_and_image(rec, rng)
-    weighted = vqa_answer_weights(answers, self.vg_weight)[: self.max_answers]
-    texts = [a for a, _ in weighted] + [""] * (self.max_answers - len(weighted))
-    ids, atts = tokenize_answers(texts, self.encoder.tokenizer, self.answer_max_tokens)
-    weights = np.zeros((self.max_answers,), np.float32)
-    weights[: len(weighted)] = [w for _, w in weighted]
-    out.update(answer_ids=ids, answer_atts=atts, answer_weights=weights)
-    keys = ("image", "text_ids", "text_atts", "answer_ids", "answer_atts", "answer_weights")
-    return {k: out[k] for k in keys}
-
-
-def nlvr_label(value: Any) -> int:
-  """NLVR2 labels are "True"/"False" strings or booleans (or 0/1) -> 1/0."""
-  if isinstance(value, bool):
-    return int(value)
-  if isinstance(value, int) and value in (0, 1):
-    return value
-  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-    return int(value.strip().lower() == "true")
-  raise BadRecordError(f"label must be True/False, found {value!r:.80}")
-
-
-class NlvrProcessor(_Processor):
-  """`{"images": [path0, path1], "sentence", "label"}` -> NLVR2 example: image0, image1, sentence
-  text fields, label i32. Each image gets its own crop / flip / RandAugment (reference); the
-  sentence is not rewritten ("left"/"right" name the images, not sides within one)."""
-
-  def __init__(self, cfg, image_res: int, patch_size: int, encoder: text_lib.TextEncoder):
-    super().__init__(cfg, cfg.nlvr, image_res, patch_size, encoder)
-    self.crop_scale = (float(cfg.nlvr.crop_scale_min), 1.0)
-    self.label_key = cfg.nlvr.label_key
-
-  def process(self, where: str, rec: dict, rng: np.random.Generator) -> dict:
-    sentence = rec.get(self.caption_key)
-    if not isinstance(sentence, str):
-      raise BadRecordError(f"{self.caption_key!r} must be a string, found {sentence!r:.80}")
-    paths = rec.get(self.image_key)
-    if not isinstance(paths, list) or len(paths) != 2:
-      raise BadRecordError(f"{self.image_key!r} must list two images, found {paths!r:.80}")
-    label = nlvr_label(rec.get(self.label_key))
-    out = self.encoder(sentence, rng)
-    for k, path in enumerate(paths):
-      img = self._image({self.image_key: path})
-      flipped = bool(rng.random() < self.hflip_prob)
-      out[f"image{k}"] = self._augment(img, rng, self.crop_scale, flipped)
-    out["label"] = np.int32(label)
-    return {k: out[k] for k in ("image0", "image1", "text_ids", "text_atts", "label")}
+def answer_index(answers: Sequence[str]) -> dict[str, int]:
+  """{normalised answer: its index}: answers compare stripped and lower-cased."""
+  return {a.strip().lower(): k for k, a in enumerate(answers)}
 
 
 def is_bad(example: Any) -> bool:

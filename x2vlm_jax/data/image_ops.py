@@ -28,7 +28,7 @@ class ImageDecodeError(ValueError):
   """The image could not be read, decoded or converted."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
   mode = img.mode
   if mode == "RGB":
     return img
@@ -91,7 +91,7 @@ def decode_image(
       img.load()
       if exif_transpose:
         img = ImageOps.exif_transpose(img)
-      return _to_rgb(img)
+      return to_rgb(img)
   except ImageDecodeError:
     raise
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)

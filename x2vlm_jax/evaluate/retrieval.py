@@ -8,13 +8,10 @@ REFERENCE_DETAILED.md §4.1:
      logit of fuse(image, text); everything else is -100. t2i symmetric (rows = texts).
   4. TR@k / IR@k from the two score matrices (`retrieval_metrics.retrieval_metrics`).
 
-Usage:
-  data = eval_data.load_retrieval_eval(jsonl, image_root, image_res, tokenizer, max_tokens)
+Usage (data as `tasks.retrieval.load_retrieval_eval` reads it):
   metrics, scores_i2t, scores_t2i = evaluate_retrieval(model, params, data, k_test=256,
                                                        batch_size=64)
   # captions in several languages for one image set: images encoded once, metrics per language
-  data = eval_data.load_multilingual_retrieval_eval(jsonl, image_root, image_res, tokenizer,
-                                                    max_tokens, languages=("en", "de"))
   per_lang_metrics, per_lang_scores = evaluate_multilingual_retrieval(model, params, data, ...)
 
 Execution: images and texts are encoded in fixed-size batches (the last one padded by repeating
@@ -27,11 +24,12 @@ compiled shape). With `mesh`, every batch (of images, texts or pairs) is split o
 ('data', 'fsdp') mesh axes, and `batch_size` must be divisible by their size. Every process
 evaluates all rows (no multi-host row split; see `rerank` for the recipe).
 
-Helpers shared with `grounding.py` (`_put_batch`, `_run_batched`, ...) live here as well.
+The engine of the image, multilingual and video retrieval evaluators (`tasks/retrieval.py`,
+`tasks/video_retrieval.py`) and of `inference.Predictor.score`. `data["images"]` may be an array
+or a lazy `eval_data.EvalImages` (decoded one batch at a time).
 """
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from typing import Any, Callable
@@ -41,87 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from x2vlm_jax import sharding as sharding_lib
+from x2vlm_jax.evaluate import common
 from x2vlm_jax.evaluate import rerank
 from x2vlm_jax.evaluate import retrieval_metrics as metrics_lib
 
 Mesh = jax.sharding.Mesh
-
-# Python-side trace counters of the jitted evaluation functions (name -> number of traces). Each
-# jitted body increments its entry while being traced (never when executed), so tests can assert
-# that a function compiled once.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-# --------------------------------------------------------------------------------------------
-# Fixed-size batching and device placement (also used by grounding.py).
-
-
-def _check_batch_size(batch_size: int, mesh: Mesh | None) -> None:
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if mesh is not None:
-    shards = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
-    if batch_size % shards:
-      raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} batch shards of "
-                       f"mesh {dict(mesh.shape)} (axes {sharding_lib.BATCH_AXES})")
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  """[n, ...] -> [rows, ...] by repeating the last row (1 <= n <= rows)."""
-  if len(x) == rows:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)], axis=0)
-
-
-def _put_batch(x: Any, mesh: Mesh | None) -> jax.Array:
-  """Host [B, ...] -> device: the default device, or split over the mesh's batch axes (every
-  process passes the same full host array; each device takes its slice)."""
-  x = np.asarray(x)
-  if mesh is None:
-    return jax.device_put(x)
-  return jax.make_array_from_callback(x.shape, sharding_lib.batch_sharding(mesh),
-                                      lambda idx: x[idx])
-
-
-def _place_params(params: Any, mesh: Mesh | None) -> Any:
-  """Puts the params on device once (instead of re-sending host arrays on every call): host
-  leaves -> the default device, or replicated over `mesh`; `jax.Array`s already spread over
-  the mesh's devices (e.g. FSDP-sharded by the trainer) are kept as they are."""
-  if mesh is None:
-    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
-  repl = sharding_lib.replicated(mesh)
-  mesh_devices = set(mesh.devices.flat)
-
-  def put(x):
-    if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])
-
-  return jax.tree.map(put, params)
-
-
-def _run_batched(fn: Callable[..., Any], arrays: tuple[Any, ...], batch_size: int,
-                 mesh: Mesh | None) -> Any:
-  """`fn(*device_batches)` over fixed-size batches of the host `arrays` (common leading dim N).
-
-  Returns the outputs (a pytree of device arrays with leading dim N, padding dropped),
-  concatenated on device.
-  """
-  n = len(arrays[0])
-  if n == 0:
-    raise ValueError("nothing to evaluate: empty inputs")
-  outs = []
-  for start in range(0, n, batch_size):
-    stop = min(n, start + batch_size)
-    out = fn(*[_put_batch(_pad_rows(np.asarray(a[start:stop]), batch_size), mesh)
-               for a in arrays])
-    if stop - start < batch_size:
-      out = jax.tree.map(lambda y, m=stop - start: y[:m], out)
-    outs.append(out)
-  if len(outs) == 1:
-    return outs[0]
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+TRACE_COUNTS = common.TRACE_COUNTS
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,22 +129,16 @@ def itc_only_metrics(sims: Any, img2txt, txt2img) -> dict[str, float]:
 def encode_images(params, images: Any, *, batch_size: int, fns: dict,
                   mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
   """images [N_img, R, R, 3] -> (image_embeds [N_img, 1+N, D], image_feat [N_img, E]) on device."""
-  return _run_batched(lambda x: fns["encode_images"](params, x), (images,), batch_size, mesh)
+  return common.run_batched(lambda x: fns["encode_images"](params, x), (images,), batch_size, mesh)
 
 
 def encode_texts(params, text_ids: Any, text_atts: Any, *, batch_size: int, fns: dict,
                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """ids/atts [N_txt, L] -> (text_embeds [N_txt, L, H], text_feat [N_txt, E], text_atts) on
   device (the masks replicated over `mesh`, for the pair scorer's gathers)."""
-  text_embeds, text_feat = _run_batched(
+  text_embeds, text_feat = common.run_batched(
       lambda i, a: fns["encode_texts"](params, i, a), (text_ids, text_atts), batch_size, mesh)
-  atts = np.asarray(text_atts, np.int32)
-  if mesh is None:
-    atts = jax.device_put(atts)
-  else:
-    atts = jax.make_array_from_callback(atts.shape, sharding_lib.replicated(mesh),
-                                        lambda idx: atts[idx])
-  return text_embeds, text_feat, atts
+  return text_embeds, text_feat, common.put_replicated(np.asarray(text_atts, np.int32), mesh)
 
 
 def compute_embeddings(model, params, data: dict, *, batch_size: int, mesh: Mesh | None = None,
@@ -232,7 +149,7 @@ def compute_embeddings(model, params, data: dict, *, batch_size: int, mesh: Mesh
     dict(image_embeds [N_img, 1+N, D], image_feat [N_img, E], text_embeds [N_txt, L, H],
          text_feat [N_txt, E], text_atts [N_txt, L], sims [N_img, N_txt] float32).
   """
-  _check_batch_size(batch_size, mesh)
+  common.check_batch_size(batch_size, mesh)
   fns = fns or make_retrieval_fns(model, mesh)
   image_embeds, image_feat = encode_images(params, data["images"], batch_size=batch_size,
                                            fns=fns, mesh=mesh)
@@ -256,7 +173,7 @@ def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_
   # holds whole rows (batch_size a multiple of k, and the rows split evenly over the mesh), each
   # image goes to the fusion layers once with its k texts (keys/values projected once, not k
   # times).
-  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
+  shards = common.batch_shards(mesh)
   k_i2t = min(k_test, sims.shape[1])
   group = k_i2t if k_i2t > 1 and batch_size % (k_i2t * shards) == 0 else 1
 
@@ -265,7 +182,7 @@ def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_
     if group > 1 and (rows == rows[:, :1]).all():
       img_idx = rows[:, 0]
     logits = fns["pair_itm"](params, emb["image_embeds"], emb["text_embeds"], emb["text_atts"],
-                             _put_batch(img_idx, mesh), _put_batch(txt_idx, mesh))
+                             common.put_batch(img_idx, mesh), common.put_batch(txt_idx, mesh))
     return logits[:, 1]  # the reference re-ranks by the raw class-1 logit
 
   scores = {}
@@ -283,7 +200,7 @@ def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_
 
 def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: int,
                        mesh: Mesh | None = None, include_itc: bool = False,
-                       log_fn: Callable[[str], Any] = logging.info
+                       log_fn: Callable[[str], Any] = logging.info, fns: dict | None = None
                        ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
   """Zero-shot / fine-tuned retrieval evaluation (module docstring).
 
@@ -296,16 +213,17 @@ def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: in
     mesh: optional device mesh; batches are split over ('data', 'fsdp').
     include_itc: also return the ITC-only metrics as `itc_<key>` (and log ITC vs ITM R@1).
     log_fn: receives progress lines.
+    fns: `make_retrieval_fns(model, mesh)` made once by the caller (default: made here).
 
   Returns:
     (metrics: `retrieval_metrics` keys in percent [+ `itc_*`],
      scores_i2t [N_img, N_txt] float32, scores_t2i [N_txt, N_img] float32), the scores holding
     the raw ITM class-1 logit for each row's top-k and -100 elsewhere.
   """
-  _check_batch_size(batch_size, mesh)
+  common.check_batch_size(batch_size, mesh)
   n_img, n_txt = len(data["images"]), len(data["text_ids"])
-  params = _place_params(params, mesh)
-  fns = make_retrieval_fns(model, mesh)
+  params = common.place_params(params, mesh)
+  fns = fns or make_retrieval_fns(model, mesh)
 
   t0 = time.monotonic()
   emb = compute_embeddings(model, params, data, batch_size=batch_size, mesh=mesh, fns=fns)
@@ -319,7 +237,8 @@ def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: in
 
 def evaluate_multilingual_retrieval(
     model, params, data: dict, *, k_test: int, batch_size: int, mesh: Mesh | None = None,
-    include_itc: bool = False, log_fn: Callable[[str], Any] = logging.info
+    include_itc: bool = False, log_fn: Callable[[str], Any] = logging.info,
+    fns: dict | None = None
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
   """Retrieval per language over one image set (Multi30K, multilingual COCO): the images are
   encoded once, then each language's captions are encoded, ranked and re-ranked against them.
@@ -331,9 +250,9 @@ def evaluate_multilingual_retrieval(
   Returns:
     ({lang: metrics}, {lang: (scores_i2t, scores_t2i)}), each as `evaluate_retrieval` returns.
   """
-  _check_batch_size(batch_size, mesh)
-  params = _place_params(params, mesh)
-  fns = make_retrieval_fns(model, mesh)
+  common.check_batch_size(batch_size, mesh)
+  params = common.place_params(params, mesh)
+  fns = fns or make_retrieval_fns(model, mesh)
   t0 = time.monotonic()
   image_embeds, image_feat = encode_images(params, data["images"], batch_size=batch_size,
                                            fns=fns, mesh=mesh)
@@ -352,3 +271,35 @@ def evaluate_multilingual_retrieval(
     log_fn(f"retrieval [{lang}]: {len(texts['text_ids'])} texts, r_mean "
            f"{metrics[lang]['r_mean']:.2f} ({time.monotonic() - t0:.1f}s)")
   return metrics, scores
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction files.
+
+TOP_RANKED = 10
+
+
+def top_rankings(scores_i2t: np.ndarray, scores_t2i: np.ndarray, k: int = TOP_RANKED) -> dict:
+  """Best-first indices: {'image_to_text': [N_img][k], 'text_to_image': [N_txt][k]}.
+
+  Ties keep the lower index first (a stable sort), as the metrics do."""
+  def top(scores):
+    order = np.argsort(-np.asarray(scores, np.float32), axis=1, kind="stable")
+    return order[:, :k].tolist()
+  return {"image_to_text": top(scores_i2t), "text_to_image": top(scores_t2i)}
+
+
+def write_outputs(predictions_dir: str | None, stem: str, scores_a2t: np.ndarray,
+                  scores_t2a: np.ndarray) -> None:
+  """`<stem>_scores.npz` (the re-ranked score matrices, tools/score_retrieval.py) and
+  `<stem>_rankings.json` (top 10 texts of every image and top 10 images of every text)."""
+  if not predictions_dir:
+    return
+  import json
+  import os
+
+  os.makedirs(predictions_dir, exist_ok=True)
+  metrics_lib.save_scores(os.path.join(predictions_dir, f"{stem}_scores.npz"),
+                          scores_a2t, scores_t2a)
+  with open(os.path.join(predictions_dir, f"{stem}_rankings.json"), "w") as f:
+    json.dump(top_rankings(scores_a2t, scores_t2a), f)

@@ -5,14 +5,14 @@ One stack of `num_layers` layers: layers `[0, fusion_start)` are text-only, laye
 Three ways to run it, as in the reference's `BertEncoder(mode=...)`:
   `encode_text`  ids -> embeddings -> text layers                 ("text")
   `fuse`         text hidden states + vision -> fusion layers     ("fusion")
-  `encode_multimodal` ids + vision -> all layers                  ("multi_modal"; MLM, VQA, NLVR2)
+  `encode_multimodal` ids + vision -> all layers                  ("multi_modal"; MLM, task heads)
 Shapes: ids/atts `[B, L]`, hidden `[B, L, H]`, vision `[B, S, Dv]` with mask `[B, S]`.
 Several texts may share one vision row: with hidden `[B*G, L, H]` and vision `[B, S, Dv]`, text row
 `b*G + g` cross-attends to vision row `b`, whose keys/values are then projected once (ITM
 positives, ITM negative texts and MLM texts of one image share them in pre-training).
 `atts` may also be a per-query mask `[B, L, L]` (query i may attend to key j) for sequences with
 their own visibility pattern (the captioner's inserted [MASK]s); `causal=True` additionally keeps
-each token from attending to later ones (the VQA answer decoder). `position_ids [B, L]` override
+each token from attending to later ones (the answer decoder). `position_ids [B, L]` override
 0..L-1 where tokens share positions.
 XLM-R text layers (CCLM, the multilingual X2-VLM) are this stack with `position_rule="roberta"`
 (positions counted from the padding id), their own LayerNorm eps (`fusion_layer_norm_eps` keeps the

@@ -4,14 +4,14 @@ Unrolled (`model.scan_layers=False`, the layout `convert.py` writes), one subtre
 
   vision/blocks_{i}/...            i < vision_depth
   text/layer_{i}/...               i < text_layers + fusion_layers
-  answer_decoder/layer_{i}/...     i < vqa_decoder_layers
+  answer_decoder/layer_{i}/...     i < answer_decoder_layers
 
 Scanned (`model.scan_layers=True`), one subtree per stack, every array with a leading layer axis::
 
   vision/blocks/...                [vision_depth, ...]
   text/text_layers/...             [text_layers, ...]     text layer i    = text/layer_{i}
   text/fusion_layers/...           [fusion_layers, ...]   fusion layer i  = text/layer_{text_layers + i}
-  answer_decoder/fusion_layers/... [vqa_decoder_layers, ...]  (every decoder layer cross-attends)
+  answer_decoder/fusion_layers/... [answer_decoder_layers, ...]  (every decoder layer cross-attends)
 
 Everything else is the same in both. The functions work on flat `{'a/b/c': array}` dicts of numpy
 arrays (`convert.flatten`). `unstack` needs nothing but the tree itself, so a checkpoint of either

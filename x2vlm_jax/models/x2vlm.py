@@ -5,15 +5,16 @@ Shapes: images `[B, H, W, 3]` NHWC, text ids/atts `[B, L]`, vision embeds `[B, 1
 text embeds `[B, L, H]`, features `[B, E]` (L2-normalised).
 
 Parameter tree (top level): `vision`, `text`, `vision_proj`, `text_proj`, `temp`, `itm_head`,
-`bbox_head`, and when configured `frame_pos_embed` (`num_frames > 0`), `vqa_head`, `nlvr_cls`,
-`answer_decoder` (`vqa_decoder_layers > 0`: the generative VQA decoder, a causal BERT stack with
-cross-attention to the fused question and its own embeddings and tied LM head).
+`bbox_head`, and when configured `frame_pos_embed` (`num_frames > 0`), one MLP per task head
+(`heads`: the parameters fine-tuning tasks add, named by the task, see `TaskHead`) and
+`answer_decoder` (`answer_decoder_layers > 0`: a causal BERT stack with cross-attention to fused
+text states, its own embeddings and tied LM head, which generates answers).
 With `scan_layers` the layer subtrees are stacked (`vision/blocks`, `text/text_layers`,
 `text/fusion_layers`, `answer_decoder/fusion_layers`; see `models/layer_stack.py`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,15 @@ from x2vlm_jax.models.bert import BertModel
 from x2vlm_jax.models.vit import VisionTransformer, check_pos_emb_kind, check_stem
 
 Dtype = Any
+
+
+class TaskHead(NamedTuple):
+  """A head a task adds: `name` (its parameter subtree), `outputs` logits, read
+  from `inputs` fused [CLS] vectors concatenated, [B, inputs * H], through an `MlpHead` with a
+  hidden layer twice as wide as its input (the reference's `build_mlp(inputs * H, outputs)`)."""
+  name: str
+  outputs: int
+  inputs: int = 1
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -78,11 +88,12 @@ class X2VLM(nn.Module):
   mlm_decoder_tied: bool = True  # False: the MLM decoder is its own matrix (CCLM's `mlm_head`)
   # Heads.
   embed_dim: int = 256
-  vqa_num_answers: int = 0  # > 0: VQA as classification over this answer list (`vqa_head`)
-  nlvr_head: bool = False  # NLVR2: a 2-way head on the two fused [CLS] concatenated (`nlvr_cls`)
-  # > 0: generative VQA (reference `XVLMForVQA`): an answer decoder of this many causal BERT layers
-  # cross-attending to the fused question (`answer_decoder`), initialised from the fusion layers.
-  vqa_decoder_layers: int = 0
+  # Heads that tasks add (x2vlm_jax/tasks: each task says which; not a config field): an MLP per
+  # `TaskHead` on `inputs` fused [CLS] vectors concatenated.
+  heads: tuple[TaskHead, ...] = ()
+  # > 0: an answer decoder of this many causal BERT layers cross-attending to fused text states
+  # (`answer_decoder`, the reference's `text_decoder`), set by the task that generates answers.
+  answer_decoder_layers: int = 0
   temp_init: float = 0.07
   # Execution.
   remat: bool = False  # rematerialise each ViT block and BERT layer in the backward pass
@@ -120,13 +131,12 @@ class X2VLM(nn.Module):
         nn.initializers.constant(self.temp_init), ()), (), jnp.float32)
     self.itm_head = layers.MlpHead(2, 2 * self.text_width, **kw)
     self.bbox_head = layers.MlpHead(4, 2 * self.text_width, **kw)
-    if self.vqa_num_answers > 0:
-      self.vqa_head = layers.MlpHead(self.vqa_num_answers, 2 * self.text_width, **kw)
-    if self.nlvr_head:
-      self.nlvr_cls = layers.MlpHead(2, 4 * self.text_width, **kw)
-    if self.vqa_decoder_layers > 0:
+    for head in self.heads:  # named by the task (setattr registers the submodule under it)
+      setattr(self, head.name, layers.MlpHead(head.outputs, 2 * head.inputs * self.text_width,
+                                              **kw))
+    if self.answer_decoder_layers > 0:
       self.answer_decoder = BertModel(
-          vocab_size=self.vocab_size, width=self.text_width, num_layers=self.vqa_decoder_layers,
+          vocab_size=self.vocab_size, width=self.text_width, num_layers=self.answer_decoder_layers,
           fusion_start=0, num_heads=self.text_heads, mlp_dim=self.text_mlp_dim,
           max_position=self.max_position, type_vocab_size=self.type_vocab_size,
           layer_norm_eps=self.text_layer_norm_eps, hidden_dropout=self.hidden_dropout,
@@ -218,14 +228,22 @@ class X2VLM(nn.Module):
     return self.predict_box(self.fuse(image_embeds, image_atts, text_embeds, text_atts,
                                       deterministic))
 
-  def vqa_logits(self, cross_embeds: jax.Array) -> jax.Array:
-    """[B, L, H] fused question -> [B, A] answer logits (VQA as classification)."""
-    return self.vqa_head(cross_embeds[:, 0]).astype(jnp.float32)
+  def head_logits(self, name: str, *cross_embeds: jax.Array) -> jax.Array:
+    """The task head `name` on the fused [CLS] of each of its `inputs` fused sequences [B, L, H]
+    (concatenated in the order given) -> [B, outputs] float32 logits."""
+    spec = self.head(name)
+    if len(cross_embeds) != spec.inputs:
+      raise ValueError(f"head {name!r} reads {spec.inputs} fused sequences, got {len(cross_embeds)}")
+    features = jnp.concatenate([c[:, 0] for c in cross_embeds], axis=-1)
+    return getattr(self, name)(features).astype(jnp.float32)
 
-  def nlvr_logits(self, cross_0: jax.Array, cross_1: jax.Array) -> jax.Array:
-    """The sentence fused with each of the two images, [B, L, H] each -> [B, 2] (1 = true)."""
-    pair = jnp.concatenate([cross_0[:, 0], cross_1[:, 0]], axis=-1)
-    return self.nlvr_cls(pair).astype(jnp.float32)
+  def head(self, name: str) -> TaskHead:
+    """The `TaskHead` called `name` (a ValueError listing the model's heads if there is none)."""
+    for spec in self.heads:
+      if spec.name == name:
+        return spec
+    raise ValueError(f"the model has no head {name!r} (its heads: {[h.name for h in self.heads]}); "
+                     "the task that adds it must be in config.train.tasks or config.evals")
 
   def answer_logits(self, answer_ids: jax.Array, answer_atts: jax.Array,
                     question_states: jax.Array, question_atts: jax.Array,
@@ -265,11 +283,9 @@ class X2VLM(nn.Module):
     out = dict(image_feat=self.image_features(image_embeds),
                text_feat=self.text_features(text_embeds), itm_logits=self.itm_logits(cross),
                box=self.predict_box(cross), temp=self.clamped_temp())
-    if self.vqa_num_answers > 0:
-      out["vqa_logits"] = self.vqa_logits(cross)
-    if self.nlvr_head:
-      out["nlvr_logits"] = self.nlvr_logits(cross, cross)
-    if self.vqa_decoder_layers > 0:
+    for head in self.heads:
+      out[head.name] = self.head_logits(head.name, *[cross] * head.inputs)
+    if self.answer_decoder_layers > 0:
       out["answer_logits"] = self.answer_logits(text_ids, text_atts, cross, text_atts,
                                                 deterministic)
     if self.mlm_head:
@@ -301,7 +317,8 @@ def count_params(params) -> int:
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_NOT_CONFIG = ("parent", "name")
+# Not config fields: module plumbing, and what the tasks add (`tasks.build_model`).
+_NOT_CONFIG = ("parent", "name", "heads", "answer_decoder_layers")
 
 
 def model_config():
@@ -314,9 +331,12 @@ def model_config():
   return ml_collections.ConfigDict(fields)
 
 
-def build_model(model_cfg) -> X2VLM:
-  """`X2VLM` from a config made by `model_config()` (unknown keys raise a TypeError naming them)."""
-  kwargs = dict(model_cfg)
+def build_model(model_cfg, *, heads: tuple[TaskHead, ...] = (),
+                answer_decoder_layers: int = 0) -> X2VLM:
+  """`X2VLM` from a config made by `model_config()` (unknown keys raise a TypeError naming them)
+  and what the tasks add (`x2vlm_jax.tasks.build_model` passes them)."""
+  kwargs = dict(model_cfg, heads=tuple(TaskHead(*h) for h in heads),
+                answer_decoder_layers=int(answer_decoder_layers))
   for key in ("dtype", "param_dtype"):
     if kwargs.get(key) not in _DTYPES:
       raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")

@@ -1,14 +1,14 @@
-"""Caption generation with the MLM captioner (REFERENCE_DETAILED §4.5) and COCO evaluation.
+"""Task-free text generation with a masked-token step: beam search, greedy search and decoding.
 
-Decoding starts from `[CLS] a picture of` (the training prompt). Step s appends a [MASK] at the
-next slot (position id = slot), runs every text layer over the sequence with the image, and
-reads the next token's distribution from the [MASK]'s output: each real token sees the tokens
-before it and itself (lower-triangular mask), exactly as in training.
+A model generates left to right by filling a [MASK]: step s writes [MASK] at the next slot of a
+fixed buffer (the prompt, then the tokens generated so far), and `log_prob_fn(ids, slot)` returns
+the next token's log-probabilities read at that slot. The same machinery serves every task that
+generates text (descriptions of an image, free-form answers, ...): the task supplies the prompt
+and `log_prob_fn` (its model call), this module the search and the host-side decoding.
 
-Shapes are fixed: one buffer `ids [N, P + max_length]` (P = prompt tokens with [CLS]); what lies
-after the current slot is padding the causal mask hides, so one jitted function runs the whole
-search in a `lax.while_loop` and compiles once per batch size. Layer states are recomputed each
-step, not cached (simpler, bit-for-bit the training computation; a cache only saves time).
+Shapes are fixed: one buffer `ids [N, P + max_length]` (P = prompt tokens, [CLS] included); what
+lies after the current slot is padding the causal mask hides, so one jitted function runs the
+whole search in a `lax.while_loop` and compiles once per batch size.
 
 Rules, as the reference's `beam_search` (models/model_generation.py):
   * `min_length`: [SEP] (EOS) is forbidden for the first `min_length` generated tokens;
@@ -19,57 +19,31 @@ Rules, as the reference's `beam_search` (models/model_generation.py):
     length_penalty when length_penalty > 0, followed back through the back-pointers;
   * greedy (`num_beams=1`) is the arg-max at each step, cut after the first [SEP]: the same
     tokens as beam search with one beam.
-  The search stops once every image's best finished caption outscores its live beams (scores
+  The search stops once every input's best finished sequence outscores its live beams (scores
   only fall, so nothing later could win; with length_penalty > 0 it runs `max_length` steps).
 
-  log_probs = caption_log_probs(m, image_embeds, ids, slot)         # via model.apply
-  out = beam_search(log_prob_fn, prompt, batch_size, num_beams=3, max_length=50, ...)
-  sequences = best_sequences(out, eos_id=...)                        # host: lists of token ids
-  captions = [decode_caption(tokenizer, s) for s in sequences]
-  metrics, predictions = evaluate_captioning(model, params, data, tokenizer, ...)
+  out = beam_search(log_prob_fn, prompt, batch_size, num_beams=3, max_length=50, ...)  # in jit
+  sequences = best_sequences(out, eos_id=...)            # host: lists of generated token ids
+  tokens, steps = greedy_search(log_prob_fn, prompt, batch_size, max_length=50, ...)  # in jit
+  sequences = greedy_sequences(tokens, steps, eos_id=...)
+  texts = [decode_text(tokenizer, s) for s in sequences]
 """
 from __future__ import annotations
 
-import collections
-import json
-import logging
 import math
-import os
-import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from x2vlm_jax.data import eval_data
-from x2vlm_jax.evaluate import retrieval as retrieval_lib
-
 NEG = -10000.0  # the reference's penalty for forbidden tokens and finished beams
 _PHANTOM = -1e9  # initial score of beams 1..K-1 (all beams start as the prompt; one is real)
-
-# Python-side trace counts of the jitted search per name (tests assert one compile per shape).
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 LogProbFn = Callable[[jax.Array, jax.Array], jax.Array]  # (ids [N, T], slot []) -> [N, V]
 
 
-def caption_log_probs(m, image_embeds: jax.Array, ids: jax.Array, slot: jax.Array,
-                      vocab_size: int | None = None) -> jax.Array:
-  """Bound-model step: every text layer over `ids [N*G, T]` (causal, positions 0..T-1) with the
-  images `image_embeds [N, 1+P, D]` (row n*G + g reads image n; G beams per image);
-  log-probabilities [N*G, V] (float32) of the MLM head at `slot`
-  (where the [MASK] is), over the first `vocab_size` ids (the tokenizer's; default all)."""
-  n, length = ids.shape
-  causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), jnp.int32)), (n, length, length))
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
-  image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
-  hidden = m.text.encode_multimodal(ids, causal, image_embeds, image_atts, True, positions)
-  at_slot = jax.lax.dynamic_slice_in_dim(hidden, slot, 1, axis=1)
-  logits = m.text.mlm_logits(at_slot)[:, 0]
-  return jax.nn.log_softmax(logits[:, :vocab_size] if vocab_size else logits, axis=-1)
-
-
+# ------------------------------------------------------------------------------ device side
 def repeated_trigram_tokens(gen: jax.Array, step: jax.Array, vocab_size: int) -> jax.Array:
   """[N, V] bool: the tokens that would repeat a trigram of `gen [N, T]`, whose first `step`
   tokens are generated (the reference's `get_dup_ngram_candidates` with n = 3)."""
@@ -111,7 +85,7 @@ class BeamOutput(NamedTuple):
   back_ptrs: jax.Array  # the beam (of the previous step) it extends
   scores: jax.Array  # its cumulative log-probability (with penalties)
   num_steps: jax.Array  # [] int32
-  stopped_early: jax.Array  # [] bool: every image's best caption was final before max_length
+  stopped_early: jax.Array  # [] bool: every input's best sequence was final before max_length
 
 
 def beam_search(log_prob_fn: LogProbFn, prompt: Sequence[int], batch_size: int, *,
@@ -119,7 +93,7 @@ def beam_search(log_prob_fn: LogProbFn, prompt: Sequence[int], batch_size: int, 
                 pad_id: int, no_repeat_trigrams: bool = True,
                 length_penalty: float = 0.0, early_stop: bool = True) -> BeamOutput:
   """Beam search over `log_prob_fn(ids [B*K, P+max_length], slot) -> [B*K, V]` (row b*K + k is
-  beam k of image b); traceable (call it inside jit). See the module docstring for the rules;
+  beam k of input b); traceable (call it inside jit). See the module docstring for the rules;
   `early_stop=False` always runs `max_length` steps (same result)."""
   k = int(num_beams)
   rows = batch_size * k
@@ -192,12 +166,12 @@ def greedy_search(log_prob_fn: LogProbFn, prompt: Sequence[int], batch_size: int
 # ------------------------------------------------------------------------------ host side
 def best_sequences(out: BeamOutput, *, eos_id: int, length_penalty: float = 0.0
                    ) -> list[list[int]]:
-  """The best caption of every image from the beam history (the reference's back-tracking):
+  """The best sequence of every input from the beam history (the reference's back-tracking):
   lists of generated token ids, ending with [SEP] when one was produced."""
   n = int(out.num_steps)
   token_ids, back_ptrs, scores = (np.asarray(jax.device_get(a))[:n]
                                   for a in (out.token_ids, out.back_ptrs, out.scores))
-  # Cut short: the best caption is a finished one (the reference would also weigh the live beams
+  # Cut short: the best sequence is a finished one (the reference would also weigh the live beams
   # of its last step, which cannot beat it).
   finished_only = bool(out.stopped_early) and n < out.token_ids.shape[0]
   sequences = []
@@ -237,7 +211,7 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-def decode_caption(tokenizer, ids: Sequence[int]) -> str:
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
   """Token ids -> text: special tokens ([CLS], [SEP], [PAD], [MASK], [UNK]) skipped, WordPiece
   "##" pieces merged and punctuation spacing cleaned as HF's `decode(skip_special_tokens=True)`
   (sentencepiece pieces are joined at their word-start marks)."""
@@ -251,112 +225,3 @@ def decode_caption(tokenizer, ids: Sequence[int]) -> str:
   for old, new in _CLEANUP:
     text = text.replace(old, new)
   return text
-
-
-# ------------------------------------------------------------------------------ model driver
-def make_caption_fn(model, prompt: Sequence[int], *, num_beams: int, max_length: int,
-                    min_length: int, eos_id: int, mask_id: int, pad_id: int,
-                    length_penalty: float = 0.0, vocab_size: int | None = None) -> Callable:
-  """jit(params, images [B, R, R, 3]) -> BeamOutput (num_beams > 1) or (tokens [B, T], steps).
-  Tokens are drawn from the first `vocab_size` ids (the tokenizer's, which may be fewer than
-  the model's embedding rows)."""
-  from x2vlm_jax.models import x2vlm
-
-  prompt = [int(i) for i in prompt]
-  rules = dict(max_length=max_length, min_length=min_length, eos_id=eos_id, mask_id=mask_id,
-               pad_id=pad_id)
-
-  def fn(params, images):
-    TRACE_COUNTS[f"captions_beam{num_beams}"] += 1
-    variables = {"params": params}
-    # The beams' rows are b * num_beams + j: each image's beams share its cross-attention keys
-    # and values (`X2VLM.fuse` with G = num_beams texts per image).
-    image_embeds = model.apply(variables, images, method=x2vlm.X2VLM.encode_image)
-
-    def log_prob_fn(ids, slot):
-      return model.apply(variables, image_embeds, ids, slot, vocab_size, method=caption_log_probs)
-
-    if num_beams == 1:
-      return greedy_search(log_prob_fn, prompt, images.shape[0], **rules)
-    return beam_search(log_prob_fn, prompt, images.shape[0], num_beams=num_beams,
-                       length_penalty=length_penalty, **rules)
-
-  return jax.jit(fn)
-
-
-def generate_captions(model, params, image_paths: Sequence[str], tokenizer, prompt: Sequence[int],
-                      *, image_res: int, batch_size: int, num_beams: int, max_length: int,
-                      min_length: int, length_penalty: float = 0.0,
-                      where: Sequence[str] | None = None) -> list[str]:
-  """One caption per image (test transform: resize to R x R), in fixed-size batches."""
-  if len(prompt) + max_length > model.max_position:
-    raise ValueError(f"the prompt's {len(prompt)} tokens + max_length {max_length} exceed the "
-                     f"model's max_position {model.max_position}")
-  fn = make_caption_fn(model, prompt, num_beams=num_beams, max_length=max_length,
-                       min_length=min_length, eos_id=tokenizer.sep_id, mask_id=tokenizer.mask_id,
-                       pad_id=tokenizer.pad_id, length_penalty=length_penalty,
-                       vocab_size=tokenizer.vocab_size)
-  params = retrieval_lib._place_params(params, None)  # pylint: disable=protected-access
-  where = list(where) if where is not None else list(image_paths)
-  captions, start_time = [], time.time()
-  for start in range(0, len(image_paths), batch_size):
-    stop = min(len(image_paths), start + batch_size)
-    images, _ = eval_data.load_eval_images(image_paths[start:stop], image_res,
-                                           where=where[start:stop])
-    images = retrieval_lib._pad_rows(images, batch_size)  # pylint: disable=protected-access
-    out = fn(params, jax.device_put(images))
-    if num_beams == 1:
-      sequences = greedy_sequences(jax.device_get(out[0]), int(out[1]), eos_id=tokenizer.sep_id)
-    else:
-      sequences = best_sequences(out, eos_id=tokenizer.sep_id, length_penalty=length_penalty)
-    captions.extend(decode_caption(tokenizer, s) for s in sequences[: stop - start])
-    if (start // batch_size) % 20 == 0:
-      logging.info("Captioning: %d/%d images (%.1f/s)", stop, len(image_paths),
-                   stop / max(time.time() - start_time, 1e-9))
-  return captions
-
-
-def evaluate_captioning(model, params, data: dict, tokenizer, *, prompt: Sequence[int],
-                        image_res: int, batch_size: int, num_beams: int = 3,
-                        max_length: int = 50, min_length: int = 5,
-                        length_penalty: float = 0.0) -> tuple[dict, list[dict]]:
-  """Captions for `data` (`captioning.load_caption_eval`) -> (metrics, predictions): predictions
-  in the COCO result format [{"image_id", "caption"}]; metrics {"bleu_1".."bleu_4", "cider"}
-  (x100, `caption_metrics.score_captions`) when the split has references, else {}."""
-  captions = generate_captions(model, params, data["image_paths"], tokenizer, prompt,
-                               image_res=image_res, batch_size=batch_size, num_beams=num_beams,
-                               max_length=max_length, min_length=min_length,
-                               length_penalty=length_penalty, where=data["where"])
-  predictions = [{"image_id": i, "caption": c} for i, c in zip(data["image_ids"], captions)]
-  metrics = {}
-  if data["references"] is not None:
-    from x2vlm_jax.evaluate import caption_metrics
-
-    metrics = caption_metrics.score_captions(
-        data["references"], {p["image_id"]: p["caption"] for p in predictions})
-  return metrics, predictions
-
-
-def run_from_config(config, model, params, tokenizer, predictions_dir: str | None,
-                    splits: Sequence[tuple[str, str]]) -> dict[str, float]:
-  """`config.eval.caption_files` (as (path, split name) pairs): eval/caption/<split>/bleu_4 and
-  .../cider, and captions_<split>.json in `predictions_dir`."""
-  from x2vlm_jax.data import captioning as captioning_data
-
-  ecfg = config.eval
-  prompt = captioning_data.prompt_ids(tokenizer, config.data.captioning.prompt)
-  results: dict[str, float] = {}
-  for path, name in splits:
-    data = captioning_data.load_caption_eval(path, ecfg.caption_image_root)
-    metrics, predictions = evaluate_captioning(
-        model, params, data, tokenizer, prompt=prompt, image_res=config.model.image_res,
-        batch_size=ecfg.batch_size, num_beams=ecfg.caption_beams,
-        max_length=ecfg.caption_max_length, min_length=ecfg.caption_min_length,
-        length_penalty=ecfg.caption_length_penalty)
-    for key in ("bleu_4", "cider"):
-      if key in metrics:
-        results[f"eval/caption/{name}/{key}"] = metrics[key]
-    if predictions_dir:
-      with open(os.path.join(predictions_dir, f"captions_{name}.json"), "w") as f:
-        json.dump(predictions, f)
-  return results

@@ -1,8 +1,10 @@
-"""Grounding metrics: hand-computed IoUs in both conventions, accuracy counts, box conversion."""
+"""x2vlm_jax/boxes.py (evaluation side) and the grounding accuracy: hand-computed IoUs in both
+conventions, accuracy counts, box conversion."""
 import numpy as np
 import pytest
 
-from x2vlm_jax.evaluate import grounding_metrics as gm
+from x2vlm_jax import boxes as gm
+from x2vlm_jax.tasks.grounding import grounding_accuracy
 
 
 def iou_plus_one_loop(a, b):
@@ -67,15 +69,15 @@ def test_grounding_accuracy_counts():
           [5, 0, 10, 10],    # 1/3
           [50, 50, 10, 10],  # 0
           [0, 0, 10, 6]]     # 0.6
-  assert gm.grounding_accuracy(pred, gt) == pytest.approx(3 / 5)
-  assert gm.grounding_accuracy(pred, gt, threshold=0.3) == pytest.approx(4 / 5)
-  assert gm.grounding_accuracy(pred, gt, threshold=1.0) == pytest.approx(1 / 5)
+  assert grounding_accuracy(pred, gt) == pytest.approx(3 / 5)
+  assert grounding_accuracy(pred, gt, threshold=0.3) == pytest.approx(4 / 5)
+  assert grounding_accuracy(pred, gt, threshold=1.0) == pytest.approx(1 / 5)
   # A thin-overlap case decides between conventions: 2x1-pixel boxes sharing one pixel column
   # have continuous IoU 1/3, "+1 pixel" IoU 0.
-  assert gm.grounding_accuracy([[0, 0, 2, 1]], [[1, 0, 2, 1]], threshold=0.3) == 1.0
-  assert gm.grounding_accuracy([[0, 0, 2, 1]], [[1, 0, 2, 1]], threshold=0.3, plus_one=True) == 0.0
+  assert grounding_accuracy([[0, 0, 2, 1]], [[1, 0, 2, 1]], threshold=0.3) == 1.0
+  assert grounding_accuracy([[0, 0, 2, 1]], [[1, 0, 2, 1]], threshold=0.3, plus_one=True) == 0.0
   with pytest.raises(ValueError):
-    gm.grounding_accuracy(np.zeros((0, 4)), np.zeros((0, 4)))
+    grounding_accuracy(np.zeros((0, 4)), np.zeros((0, 4)))
 
 
 def test_cxcywh_norm_to_xywh_pixels():
@@ -89,6 +91,6 @@ def test_cxcywh_norm_to_xywh_pixels():
   norm = np.concatenate([(gt[:, :2] + gt[:, 2:] / 2) / size, gt[:, 2:] / size], axis=1)
   back = gm.cxcywh_norm_to_xywh_pixels(norm, size)
   np.testing.assert_allclose(back, gt)
-  assert gm.grounding_accuracy(back, gt, plus_one=True) == 1.0
+  assert grounding_accuracy(back, gt, plus_one=True) == 1.0
   with pytest.raises(ValueError):
     gm.cxcywh_norm_to_xywh_pixels(boxes, [[640, 480]])

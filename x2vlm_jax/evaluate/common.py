@@ -1,0 +1,223 @@
+"""The evaluator interface, and the batching helpers every evaluator shares.
+
+An evaluator is built once from its config entry (`config.evals.<name>`), the whole config, the
+model and the device mesh, then run as often as the training loop (or `--mode eval`, or your own
+code) asks:
+
+    evaluator = SomeEvaluator("val", config.evals.val, config=config, model=model, mesh=mesh)
+    metrics = evaluator.run(params, step)                       # {"eval/val/...": float}
+    metrics = evaluator.run(params, step, predictions_dir=dir)  # also writes its prediction files
+
+Construction reads and checks the evaluation files (a bad record fails here, naming it, before
+anything compiles) and creates the jitted functions; `run` only encodes, scores and writes, so
+the second and later runs reuse everything (one trace per jitted function). Each evaluator type
+lives with its task (`x2vlm_jax/tasks/<task>.py`); `tasks.make_evaluators(config, model, mesh)`
+builds every entry of `config.evals`.
+
+Every entry has the fields of `Evaluator.default_config()` (`type`, `every_steps`, `batch_size`)
+plus those of its type. Metrics are named `eval/<name>/<metric>` (`eval/<name>/<split>/<metric>`
+for evaluators that take several files, one split per file, named by the file's stem).
+
+Batching: inputs are cut into fixed-size batches (the last one padded by repeating its last row,
+the padding dropped from the outputs), so each jitted function compiles once per evaluator. With
+a mesh, every batch is split over its ('data', 'fsdp') axes and the batch size is rounded up to a
+multiple of their size; params already spread over the mesh (FSDP-sharded by the trainer) stay
+where they are, others are replicated once.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from x2vlm_jax import sharding as sharding_lib
+
+Mesh = jax.sharding.Mesh
+
+# Python-side trace counters of the jitted evaluation functions (name -> number of traces). Each
+# jitted body increments its entry while being traced (never when executed), so tests can assert
+# that a function compiled once.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+class Evaluator:
+  """Base class: subclasses set `TYPE`, extend `default_config` and implement `run`."""
+
+  TYPE = ""
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The fields of a `config.evals.<name>` entry of this type, at their defaults."""
+    return ml_collections.ConfigDict(dict(
+        type=cls.TYPE,
+        every_steps=0,  # > 0: also run every this many training steps (metrics only, no files)
+        batch_size=32,  # rows per jitted call (rounded up to a multiple of the mesh's batch shards)
+    ))
+
+  def __init__(self, name: str, cfg, *, config, model, mesh: Mesh | None = None):
+    """name: the entry's key in config.evals; cfg: the entry; config: the whole config (data
+    fields, task sections); model: the `X2VLM`; mesh: where to run (None: the default device)."""
+    self.name, self.cfg, self.config, self.model, self.mesh = name, cfg, config, model, mesh
+    self.batch_size = round_batch_size(int(cfg.batch_size), mesh, f"config.evals.{name}.batch_size")
+
+  def run(self, params, step: int = 0, *, predictions_dir: str | None = None
+          ) -> dict[str, float]:
+    """Metrics of `params` (named `eval/<name>/...`, percent); with `predictions_dir`, also the
+    evaluator's prediction files there."""
+    raise NotImplementedError
+
+  def metric_name(self, *parts: str) -> str:
+    return "/".join(("eval", self.name) + parts)
+
+  def field(self, key: str) -> str:
+    """`config.evals.<name>.<key>`, for messages."""
+    return f"config.evals.{self.name}.{key}"
+
+  def log(self, line: str) -> None:
+    logging.info("eval/%s: %s", self.name, line)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching and placement.
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many ways a batch is split over the mesh's ('data', 'fsdp') axes (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
+
+
+def round_batch_size(batch_size: int, mesh: Mesh | None, what: str = "batch_size") -> int:
+  """`batch_size` rounded up to a multiple of the mesh's batch shards (>= 1 required)."""
+  if batch_size < 1:
+    raise ValueError(f"{what} must be >= 1, got {batch_size}")
+  shards = batch_shards(mesh)
+  return -(-batch_size // shards) * shards
+
+
+def check_batch_size(batch_size: int, mesh: Mesh | None) -> None:
+  """`batch_size` must be >= 1 and split evenly over the mesh's batch shards."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  shards = batch_shards(mesh)
+  if batch_size % shards:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} batch shards of "
+                     f"mesh {dict(mesh.shape)} (axes {sharding_lib.BATCH_AXES})")
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """[n, ...] -> [rows, ...] by repeating the last row (1 <= n <= rows)."""
+  if len(x) == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)], axis=0)
+
+
+def put_batch(x: Any, mesh: Mesh | None) -> jax.Array:
+  """Host [B, ...] -> device: the default device, or split over the mesh's batch axes (every
+  process passes the same full host array; each device takes its slice)."""
+  x = np.asarray(x)
+  if mesh is None:
+    return jax.device_put(x)
+  return jax.make_array_from_callback(x.shape, sharding_lib.batch_sharding(mesh),
+                                      lambda idx: x[idx])
+
+
+def put_replicated(x: Any, mesh: Mesh | None) -> jax.Array:
+  """Host array -> device: the default device, or a full copy on every device of the mesh."""
+  x = np.asarray(x)
+  if mesh is None:
+    return jax.device_put(x)
+  return jax.make_array_from_callback(x.shape, sharding_lib.replicated(mesh), lambda idx: x[idx])
+
+
+def place_params(params: Any, mesh: Mesh | None) -> Any:
+  """Puts the params on device once (instead of re-sending host arrays on every call): host
+  leaves -> the default device, or replicated over `mesh`; `jax.Array`s already spread over
+  the mesh's devices (e.g. FSDP-sharded by the trainer) are kept as they are."""
+  if mesh is None:
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
+  mesh_devices = set(mesh.devices.flat)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+      return x
+    return put_replicated(x, mesh)
+
+  return jax.tree.map(put, params)
+
+
+def run_batched(fn: Callable[..., Any], arrays: Sequence[Any], batch_size: int,
+                mesh: Mesh | None, *, name: str = "", log_every: int = 0) -> Any:
+  """`fn(*device_batches)` over fixed-size batches of `arrays` (common leading dim N).
+
+  `arrays` are numpy arrays or lazy sequences whose slices load the rows (e.g.
+  `eval_data.EvalImages`, decoding images only for that batch). Returns the outputs (a pytree of
+  device arrays with leading dim N, padding dropped), concatenated on device. With `log_every`,
+  a progress line every that many batches.
+  """
+  n = len(arrays[0])
+  if n == 0:
+    raise ValueError("nothing to evaluate: empty inputs")
+  outs, t0 = [], time.monotonic()
+  for b, start in enumerate(range(0, n, batch_size)):
+    stop = min(n, start + batch_size)
+    out = fn(*[put_batch(pad_rows(np.asarray(a[start:stop]), batch_size), mesh) for a in arrays])
+    if stop - start < batch_size:
+      out = jax.tree.map(lambda y, m=stop - start: y[:m], out)
+    outs.append(out)
+    if log_every and (b % log_every == 0 or stop == n):
+      logging.info("%s: %d/%d (%.1f/s)", name, stop, n, stop / max(time.monotonic() - t0, 1e-9))
+  if len(outs) == 1:
+    return outs[0]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and files.
+
+
+def split_name(path: str) -> str:
+  """'data/refcoco+_testA.jsonl' -> 'refcoco+_testA'."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def named_splits(paths: Sequence[str], field: str) -> list[tuple[str, str]]:
+  """[(path, split name)], refusing an empty list and two files with the same name (their
+  metrics would collide). `field` names the config field in messages."""
+  paths = list(paths)
+  if not paths:
+    raise ValueError(f"{field} is empty: list the evaluation files")
+  names = [split_name(p) for p in paths]
+  if len(set(names)) != len(names):
+    raise ValueError(f"{field}: two files share a name: {names}")
+  return list(zip(paths, names))
+
+
+def write_json(predictions_dir: str | None, filename: str, value: Any) -> None:
+  """`value` as JSON in `predictions_dir/filename` (nothing without a directory)."""
+  if not predictions_dir:
+    return
+  os.makedirs(predictions_dir, exist_ok=True)
+  with open(os.path.join(predictions_dir, filename), "w") as f:
+    json.dump(value, f)
+
+
+def run_all(evaluators: dict[str, Evaluator], params, step: int, *,
+            predictions_dir: str | None = None) -> dict[str, float]:
+  """Every evaluator's metrics, merged, with one summary line."""
+  results: dict[str, float] = {}
+  for evaluator in evaluators.values():
+    results.update(evaluator.run(params, step, predictions_dir=predictions_dir))
+  if results:
+    logging.info("Evaluation at step %d: %s", step,
+                 " ".join(f"{k}={v:.2f}" for k, v in results.items()))
+  return results
