@@ -60,7 +60,7 @@ def load_image(image: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, image_res: int) -> np.ndarray:
-  """PIL RGB image -> [R, R, 3] float32, the evaluation transform (`eval_data._load_test_image`)."""
+  """PIL RGB image -> [R, R, 3] float32, the evaluation transform (`eval_data.load_eval_images`)."""
   return image_ops.normalize(image_ops.resize_square(image, image_res))
 
 

@@ -1,12 +1,33 @@
-"""VQA accuracy as the official VQA v2 evaluation defines it, in plain Python.
+"""VQA accuracy exactly as the official VQA evaluation (`vqaEval.py`, vendored by the reference as
+vqaTools/vqaEval.py) computes and prints it, quirks included.
 
 For a question with 10 human answers, a predicted answer scores the average, over the 10 ways of
-leaving one human answer out, of min(#remaining humans who gave that answer / 3, 1). Answers are
-compared after the official normalisation: newlines/tabs to spaces and stripped; then, only when
-the humans disagree, punctuation handling (a comma between digits is removed, other punctuation
-removed or turned into a space, periods not inside numbers removed), number words to digits,
-articles dropped, and apostrophe-less contractions restored ("dont" -> "don't"). Overall, per
-answer type ("yes/no", "number", "other") and per question type accuracies are means in percent.
+leaving one human answer out, of min(#remaining humans who gave that answer / 3, 1). What is
+compared, as the official code does it:
+
+  * the prediction: newlines and tabs -> spaces, stripped, then `process_punctuation`, then
+    `process_digit_article` (lower-cased; number words -> digits; articles dropped;
+    apostrophe-less contractions restored). Always, whether or not the humans agree.
+  * the human answers: used raw (not stripped, not lower-cased) when all of them are the same
+    string; when they disagree, each goes through `process_punctuation` only.
+Quirks this reproduces (each checked in tests/test_vqa_metrics.py):
+  1. Humans who agree are not normalised, the prediction is: "Two" scores 1 against ten "2",
+     "yes" scores 0 against ten "Yes".
+  2. Humans who disagree get punctuation handling only: "two" from a human never equals a
+     prediction, whose "two" became "2"; "Yes" never equals a lower-cased prediction.
+  3. `process_punctuation` replaces a mark that touches no space with a space and never strips:
+     a human "yes!" becomes "yes " (trailing space) and matches nothing; the prediction's "yes!"
+     becomes "yes" (its words are re-joined by `process_digit_article`).
+  4. A mark is deleted instead when that mark touches a space anywhere in the text ("red, white-
+     blue" -> "red white blue"), and every mark is when the text has a digit,digit anywhere
+     ("1,000 cars!" -> "1000 cars").
+  5. The period pattern `(?!<=\d)(\.)(?!\d)` is a lookahead written for a lookbehind: it deletes
+     every period not followed by a digit, and `re.UNICODE` (32) sits where `count` goes: at most
+     32 periods per text are deleted.
+  6. Human answers are not stripped: " yes" stays " yes".
+  7. The leave-one-out is by position (the official answers carry distinct answer ids).
+  8. The printed accuracies are rounded to 2 decimals: overall, per answer type and per question
+     type are round(100 x mean, 2) of the unrounded per-question accuracies.
 
 Files (the official formats):
   annotations  {"annotations": [{"question_id", "answers": [{"answer": str}, ...],
@@ -67,24 +88,26 @@ _PERIOD_NOT_IN_NUMBER = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official p
 
 
 def clean_whitespace(answer: str) -> str:
+  """Newlines and tabs to spaces, stripped (the prediction only)."""
   return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
-def strip_punctuation(text: str) -> str:
-  """Each punctuation mark is deleted where it touches a space (or the text has a digit,digit),
-  else replaced by a space; then periods that are not a decimal point are deleted."""
+def process_punctuation(text: str) -> str:
+  """The official `processPunctuation`: each punctuation mark is deleted when it touches a space
+  somewhere in `text` or `text` has a digit,digit, else replaced by a space; then periods not
+  followed by a digit are deleted (at most 32; quirks 3-5 of the module docstring)."""
   out = text
   for mark in _PUNCTUATION:
     if (mark + " " in text or " " + mark in text) or _DIGIT_COMMA_DIGIT.search(text):
       out = out.replace(mark, "")
     else:
       out = out.replace(mark, " ")
-  # The official call passes re.UNICODE (32) where `count` goes: at most 32 periods go.
-  return _PERIOD_NOT_IN_NUMBER.sub("", out, count=32)
+  return _PERIOD_NOT_IN_NUMBER.sub("", out, count=32)  # sic: the official call's re.UNICODE
 
 
-def normalize_words(text: str) -> str:
-  """Lower-cased words; number words -> digits, articles dropped, contractions restored."""
+def process_digit_article(text: str) -> str:
+  """The official `processDigitArticle`: lower-cased words, number words -> digits, articles
+  dropped, contractions restored, joined by single spaces."""
   words = []
   for word in text.lower().split():
     word = _NUMBER_WORDS.get(word, word)
@@ -93,19 +116,26 @@ def normalize_words(text: str) -> str:
   return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_answer(answer: str) -> str:
-  return normalize_words(strip_punctuation(clean_whitespace(answer)))
+def normalize_prediction(answer: str) -> str:
+  """What the official evaluation compares a predicted answer as."""
+  return process_digit_article(process_punctuation(clean_whitespace(answer)))
+
+
+def normalize_humans(answers: Sequence[str]) -> list[str]:
+  """What it compares the human answers as: raw when they all agree, else punctuation-processed."""
+  answers = list(answers)
+  if len(set(answers)) > 1:
+    return [process_punctuation(a) for a in answers]
+  return answers
 
 
 def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-  """Accuracy in [0, 1] of one predicted answer against the human answers (usually 10)."""
+  """Accuracy in [0, 1] of one predicted answer against the human answers (usually 10), as the
+  official evaluation computes it (module docstring)."""
   if not human_answers:
     raise ValueError("a question needs at least one human answer")
-  humans = [clean_whitespace(a) for a in human_answers]
-  prediction = clean_whitespace(prediction)
-  if len(set(humans)) > 1:  # the official evaluation normalises only when humans disagree
-    humans = [normalize_answer(a) for a in humans]
-    prediction = normalize_answer(prediction)
+  humans = normalize_humans(human_answers)
+  prediction = normalize_prediction(prediction)
   scores = []
   for left_out in range(len(humans)):
     matches = sum(1 for i, a in enumerate(humans) if i != left_out and a == prediction)
@@ -113,9 +143,18 @@ def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
   return sum(scores) / len(scores)
 
 
+def printed_accuracy(accuracies: Sequence[float]) -> float:
+  """round(100 x mean, 2) of per-question accuracies in [0, 1]: the number the official code
+  prints."""
+  if not accuracies:
+    raise ValueError("no questions")
+  return round(100.0 * float(sum(accuracies)) / len(accuracies), 2)
+
+
 def vqa_accuracy(predictions: Iterable[Mapping], annotations: Iterable[Mapping],
                  questions: Iterable[Mapping] | None = None) -> dict:
-  """Overall / per answer type / per question type accuracy (percent) over the predicted questions.
+  """Overall / per answer type / per question type accuracy (percent, rounded to 2 decimals as the
+  official code prints them) over the predicted questions.
 
   Args:
     predictions: [{"question_id", "answer"}, ...], one per question.
@@ -159,7 +198,7 @@ def vqa_accuracy(predictions: Iterable[Mapping], annotations: Iterable[Mapping],
       per_answer_type[ann["answer_type"]].append(acc)
     if "question_type" in ann:
       per_question_type[ann["question_type"]].append(acc)
-  mean = lambda xs: 100.0 * sum(xs) / len(xs)
+  mean = printed_accuracy
   return {"overall": mean(total),
           "per_answer_type": {k: mean(v) for k, v in sorted(per_answer_type.items())},
           "per_question_type": {k: mean(v) for k, v in sorted(per_question_type.items())},

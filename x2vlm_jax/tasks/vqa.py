@@ -133,15 +133,15 @@ def load_vqa_eval(path: str, image_root: str, image_res: int, tokenizer, max_tok
 def score_answers(data: dict, answers: Sequence[str], best: np.ndarray
                   ) -> tuple[list[dict], float | None]:
   """The chosen answer of each question (`best` [Q]: indices into `answers`) -> (predictions
-  [{"question_id", "answer"}] in record order, the official VQA accuracy in percent, or None
-  without human answers)."""
+  [{"question_id", "answer"}] in record order, the official VQA accuracy in percent as the
+  official code prints it (2 decimals), or None without human answers)."""
   predictions = [{"question_id": qid, "answer": answers[int(k)]}
                  for qid, k in zip(data["question_id"], best)]
   if data["answers"] is None:
     return predictions, None
   accs = [vqa_metrics.question_accuracy(p["answer"], humans)
           for p, humans in zip(predictions, data["answers"])]
-  return predictions, 100.0 * float(np.mean(accs))
+  return predictions, vqa_metrics.printed_accuracy(accs)
 
 
 def make_vqa_fn(model, mesh: jax.sharding.Mesh | None = None) -> Callable[..., jax.Array]:
