@@ -93,7 +93,8 @@ def get_config(arg=None):
     batch_size = 16 if quick else 64
     config.evals.retrieval = common.evaluator(
         "retrieval", file=f"{data_dir}/val_retrieval.jsonl", image_root=data_dir,
-        k_test=8 if quick else 16, batch_size=batch_size)
+        k_test=8 if quick else 16, batch_size=batch_size,
+        save_scores=True)  # 100 x 300: small enough to keep the full matrices
     config.evals.grounding = common.evaluator(
         "grounding", files=(f"{data_dir}/val_grounding.jsonl",), image_root=data_dir,
         batch_size=batch_size)

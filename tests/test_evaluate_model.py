@@ -85,9 +85,10 @@ def retrieval_run(tiny_model, retrieval_data):
   model, params = tiny_model
   before = dict(common.TRACE_COUNTS)
   lines = []
-  metrics, s_i2t, s_t2i = retrieval.evaluate_retrieval(
+  result = retrieval.evaluate_retrieval(
       model, params, retrieval_data, k_test=K, batch_size=BATCH, include_itc=True,
       log_fn=lines.append)
+  metrics, (s_i2t, s_t2i) = result.metrics, result.dense()
   traces = {k: v - before.get(k, 0) for k, v in common.TRACE_COUNTS.items()
             if v != before.get(k, 0)}  # functions traced by earlier tests are not counted
   return metrics, s_i2t, s_t2i, traces, lines
@@ -119,21 +120,22 @@ def test_metrics_equal_metrics_of_brute_force_scores(retrieval_run, brute, retri
   sims, want_i2t, want_t2i = brute
   want = metrics_lib.retrieval_metrics(want_i2t, want_t2i, retrieval_data["img2txt"],
                                        retrieval_data["txt2img"])
-  itc = retrieval.itc_only_metrics(sims, retrieval_data["img2txt"], retrieval_data["txt2img"])
+  itc = metrics_lib.retrieval_metrics(sims, sims.T, retrieval_data["img2txt"],
+                                      retrieval_data["txt2img"])
   assert {k: v for k, v in metrics.items() if not k.startswith("itc_")} == pytest.approx(want)
   assert {k[4:]: v for k, v in metrics.items() if k.startswith("itc_")} == pytest.approx(itc)
   assert any("ITC" in line and "ITM" in line for line in lines)
 
 
-def test_whole_image_rows_share_keys_and_values_and_score_the_same(tiny_model, retrieval_data,
-                                                                   brute):
-  """batch_size a multiple of k: image->text pairs go to the fusion layers one image per k texts
-  (a second, grouped shape of the pair scorer) with the same scores as pair by pair."""
+def test_rows_grouped_by_image_in_both_directions_score_as_pair_by_pair(tiny_model,
+                                                                       retrieval_data, brute):
+  """Each image goes to the fusion layers once per group of the texts paired with it in either
+  direction (keys and values projected once per group): the scores of pair-by-pair fusion."""
   model, params = tiny_model
   before = common.TRACE_COUNTS["pair_itm"]
-  _, s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, retrieval_data, k_test=K,
-                                                 batch_size=2 * K, log_fn=lambda line: None)
-  assert common.TRACE_COUNTS["pair_itm"] - before == 2  # grouped i2t + pairwise t2i
+  s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, retrieval_data, k_test=K,
+                                              batch_size=2 * K, log_fn=lambda line: None).dense()
+  assert common.TRACE_COUNTS["pair_itm"] - before <= 2  # groups of k texts and of k / 8
   _, want_i2t, want_t2i = brute
   np.testing.assert_allclose(s_i2t, want_i2t, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(s_t2i, want_t2i, atol=2e-5, rtol=1e-5)
@@ -141,8 +143,11 @@ def test_whole_image_rows_share_keys_and_values_and_score_the_same(tiny_model, r
 
 def test_jitted_functions_compile_once(retrieval_run):
   traces = retrieval_run[3]
-  # 2 image batches, 3 text batches, 5 + 9 pair batches, each with a padded last batch.
-  assert traces == {"encode_images": 1, "encode_texts": 1, "similarities": 1, "pair_itm": 1}
+  # 2 image batches, 3 text batches, the re-ranking groups of both directions, each with a padded
+  # last batch; top-k and ITC ranks once per direction (rows of images, rows of texts).
+  # Re-ranking: one shape per group size used (k texts; k / 8 for the rest of an image's texts).
+  assert traces.pop("pair_itm") in (1, 2)
+  assert traces == {"encode_images": 1, "encode_texts": 1, "top_k": 2, "itc_ranks": 2}
 
 
 class _CodeModel(nn.Module):
@@ -178,8 +183,9 @@ def test_known_answers_with_a_code_model(k, want_r1):
   ids = np.stack([txt2img, (txt2img + 1) % N_IMG], 1).astype(np.int32)
   data = dict(images=images, text_ids=ids, text_atts=np.ones_like(ids), txt2img=txt2img,
               img2txt=[[2 * i, 2 * i + 1] for i in range(N_IMG)])
-  metrics, s_i2t, s_t2i = retrieval.evaluate_retrieval(_CodeModel(), {}, data, k_test=k,
-                                                       batch_size=5, include_itc=True)
+  result = retrieval.evaluate_retrieval(_CodeModel(), {}, data, k_test=k, batch_size=5,
+                                        include_itc=True)
+  metrics, (s_i2t, s_t2i) = result.metrics, result.dense()
   assert metrics["itc_txt_r1"] == 0.0 and metrics["itc_img_r1"] == 0.0  # ITC always wrong
   assert metrics["txt_r1"] == want_r1 and metrics["img_r1"] == want_r1
   if k == N_TXT:  # everything re-ranked: scores = ITM logits exactly
@@ -190,8 +196,8 @@ def test_known_answers_with_a_code_model(k, want_r1):
 def test_mesh_matches_single_device(tiny_model, retrieval_data, retrieval_run):
   model, params = tiny_model
   mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
-  metrics, s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, retrieval_data, k_test=K,
-                                                       batch_size=8, mesh=mesh)
+  s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, retrieval_data, k_test=K,
+                                              batch_size=8, mesh=mesh).dense()
   np.testing.assert_allclose(s_i2t, retrieval_run[1], atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(s_t2i, retrieval_run[2], atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="divisible"):
@@ -261,8 +267,8 @@ def test_end_to_end_from_files(tiny_model, tmp_path):
                                             str(tmp_path / "vocab.txt"), L)
   assert data["images"][0:3].shape == (3, 32, 32, 3) and len(data["text_ids"]) == 4
   np.testing.assert_array_equal(data["images"].sizes, [[40, 30], [32, 64], [50, 50]])
-  metrics, s_i2t, s_t2i = retrieval.evaluate_retrieval(model, params, data, k_test=2,
-                                                       batch_size=BATCH)
+  result = retrieval.evaluate_retrieval(model, params, data, k_test=2, batch_size=BATCH)
+  metrics, (s_i2t, s_t2i) = result.metrics, result.dense()
   assert s_i2t.shape == (3, 4) and s_t2i.shape == (4, 3)
   assert ((s_i2t != -100).sum(1) == 2).all() and ((s_t2i != -100).sum(1) == 2).all()
   assert set(metrics) >= {"txt_r1", "img_r1", "r_mean"}

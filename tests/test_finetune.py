@@ -246,8 +246,15 @@ def test_init_from_a_training_workdir(tmp_path):
 
 # ------------------------------------------------------------------------------ evaluation outputs
 def test_top_rankings_are_best_first_with_stable_ties():
-  i2t = np.array([[0.1, 0.9, 0.9, 0.2], [1.0, 0.0, 0.5, 0.5]])
-  out = retrieval_engine.top_rankings(i2t, i2t.T, k=3)
-  assert out["image_to_text"] == [[1, 2, 3], [0, 2, 3]]
+  # Candidates of a re-ranked evaluation: rows 0 and 1 re-scored at columns (1, 2) and (0, 3),
+  # every other column at -100.
+  result = retrieval_engine.RetrievalResult(
+      {}, np.array([[1, 2], [0, 3]]), np.array([[0.9, 0.9], [1.0, 0.5]]),
+      np.array([[1], [0], [0], [1]]), np.array([[0.9], [0.9], [0.5], [0.5]]))
+  out = result.rankings(3)
+  assert out["image_to_text"] == [[1, 2, 0], [0, 3, 1]]
   assert out["text_to_image"] == [[1, 0], [0, 1], [0, 1], [1, 0]]
+  dense_i2t, _ = result.dense()
+  want = np.argsort(-dense_i2t, axis=1, kind="stable")[:, :3].tolist()
+  assert out["image_to_text"] == want
   assert eval_common.split_name("/d/refcoco+_testA.json") == "refcoco+_testA"

@@ -1,28 +1,12 @@
-"""ITM re-ranking driver: brute-force equality, fixed batch size, padding, clamping, sharding."""
-import math
-
+"""ITM re-ranking of both directions' distinct pairs grouped by image: equal to brute force,
+fixed call shapes, padding dropped, candidates -> dense matrices / rankings, the device top-k's
+tie rule, multi-host row blocks."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from x2vlm_jax.evaluate import rerank
-
-
-class RecordingScorer:
-  """pair_score_fn that looks pairs up in a table [N_img, N_txt] and records every call."""
-
-  def __init__(self, table, as_jax=False):
-    self.table = np.asarray(table, np.float32)
-    self.calls = []
-    self.as_jax = as_jax
-
-  def __call__(self, image_idx, text_idx):
-    assert image_idx.dtype == np.int32 and text_idx.dtype == np.int32
-    self.calls.append((image_idx.copy(), text_idx.copy()))
-    out = self.table[image_idx, text_idx]
-    if self.as_jax:
-      import jax.numpy as jnp
-      return jnp.asarray(out)
-    return out
 
 
 def brute_force(sims, k, table, direction):
@@ -35,72 +19,105 @@ def brute_force(sims, k, table, direction):
   return out
 
 
-@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def topk(rows, k):
+  """Stable descending top-k columns (the device top-k's tie rule)."""
+  return np.argsort(-rows, axis=1, kind="stable")[:, :k].astype(np.int32)
+
+
 @pytest.mark.parametrize("sims_kind", ["float", "int_ties"])
-def test_matches_brute_force_with_fixed_batch(direction, sims_kind):
+@pytest.mark.parametrize("sizes", [(4,), (4, 1), (3, 2)])
+def test_both_directions_match_brute_force(sims_kind, sizes):
   rng = np.random.default_rng(0)
-  n_img, n_txt, k, batch = 9, 23, 5, 7
+  n_img, n_txt, k = 7, 23, 4
   sims = (rng.normal(size=(n_img, n_txt)) if sims_kind == "float"
           else rng.integers(0, 3, size=(n_img, n_txt)).astype(np.float32))
-  table = rng.normal(size=(n_img, n_txt))
-  fn = RecordingScorer(table)
-  got = rerank.rerank_scores(sims, k, fn, batch_size=batch, direction=direction,
-                             log_fn=lambda s: None)
-  np.testing.assert_array_equal(got, brute_force(sims, k, table, direction))
-  n_rows = n_img if direction == "i2t" else n_txt
-  total = n_rows * k
-  assert len(fn.calls) == math.ceil(total / batch)
-  assert all(len(i) == batch and len(t) == batch for i, t in fn.calls)
-  # Padding: the tail of the last call repeats the last real pair.
-  img_last, txt_last = fn.calls[-1]
-  n_real = total - batch * (len(fn.calls) - 1)
-  assert n_real < batch
-  assert (img_last[n_real:] == img_last[n_real - 1]).all()
-  assert (txt_last[n_real:] == txt_last[n_real - 1]).all()
-  # Every real pair is scored exactly once.
-  pairs = np.concatenate([np.stack(c, 1) for c in fn.calls])[:total]
-  assert len({tuple(p) for p in pairs}) == total
+  table = rng.normal(size=(n_img, n_txt)).astype(np.float32)
+  calls = []
+
+  def score(rows, texts):
+    assert rows.dtype == np.int32 and texts.dtype == np.int32
+    group = len(texts) // len(rows)
+    calls.append((len(rows), group))
+    return jnp.asarray(table[np.repeat(rows, group), texts])
+
+  cand_i2t, cand_t2i = topk(sims, k), topk(sims.T, k)
+  got_i2t, got_t2i = rerank.rerank(cand_i2t, cand_t2i, score, group_sizes=sizes,
+                                   rows_per_call=lambda g: 12 // g, log_fn=lambda s: None)
+  np.testing.assert_array_equal(rerank.dense_scores(cand_i2t, got_i2t, n_txt),
+                                brute_force(sims, k, table, "i2t"))
+  np.testing.assert_array_equal(rerank.dense_scores(cand_t2i, got_t2i, n_img),
+                                brute_force(sims, k, table, "t2i"))
+  # One call shape per group size: (12 // G) vision rows of G texts.
+  assert set(calls) <= {(12 // g, g) for g in sizes}
 
 
-def test_known_function_and_jax_inputs():
-  import jax.numpy as jnp
-  n_img, n_txt, k = 6, 10, 3
-  i, j = np.meshgrid(np.arange(n_img), np.arange(n_txt), indexing="ij")
-  table = -np.abs(i - j).astype(np.float32)
-  sims = jnp.asarray(np.random.default_rng(1).normal(size=(n_img, n_txt)), jnp.bfloat16)
-  fn = RecordingScorer(table, as_jax=True)  # results come back as jax arrays, stored one call late
-  got = rerank.rerank_scores(sims, k, fn, batch_size=4, direction="i2t", log_fn=lambda s: None)
-  want = brute_force(np.asarray(sims, np.float32), k, table, "i2t")
-  np.testing.assert_array_equal(got, want)
-  assert ((got == -100).sum(axis=1) == n_txt - k).all()
-  assert got.dtype == np.float32
+def test_each_distinct_pair_is_scored_once_grouped_by_image():
+  cand_i2t = np.array([[0, 1], [2, 0]], np.int32)  # image 0: texts 0, 1; image 1: texts 2, 0
+  cand_t2i = np.array([[0, 1], [1, 0], [1, 0]], np.int32)  # text t: its two images
+  pairs = rerank.union_pairs(cand_i2t, cand_t2i)
+  assert list(zip(pairs.images.tolist(), pairs.texts.tolist())) == [
+      (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+  # (0, 0) is image 0's first candidate and text 0's first; (0, 2) only text 2's second.
+  assert pairs.slot_i2t.tolist() == [0, 1, -1, 3, -1, 2]
+  assert pairs.slot_t2i.tolist() == [0, 3, 5, 1, 2, 4]
+  big, small = rerank.group_pairs(pairs, (2, 1))
+  assert big.rows.tolist() == [0, 1] and big.pairs.tolist() == [[0, 1], [3, 4]]
+  assert small.rows.tolist() == [0, 1] and small.pairs.tolist() == [[2], [5]]
+  assert big.valid.all() and small.valid.all()
+  (padded,) = rerank.group_pairs(pairs, (4,))
+  assert padded.rows.tolist() == [0, 1]
+  assert padded.pairs.tolist() == [[0, 1, 2, 0], [3, 4, 5, 3]]
+  assert padded.valid.tolist() == [[True, True, True, False], [True, True, True, False]]
+  calls = []
+  table = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+  def score(rows, texts):
+    calls.append((rows.tolist(), texts.tolist()))
+    return table[np.repeat(rows, len(texts) // len(rows)), texts]
+
+  s_i2t, s_t2i = rerank.rerank(cand_i2t, cand_t2i, score, group_sizes=(2, 1),
+                               rows_per_call=lambda g: 2, log_fn=lambda s: None)
+  assert calls == [([0, 1], [0, 1, 0, 1]), ([0, 1], [2, 2])]  # 6 distinct pairs of 10 asked
+  np.testing.assert_array_equal(s_i2t, table[[[0], [1]], cand_i2t])
+  np.testing.assert_array_equal(s_t2i, table[cand_t2i, [[0], [1], [2]]])
 
 
-def test_k_larger_than_row_clamps():
-  sims = np.random.default_rng(2).normal(size=(4, 7))
-  table = np.arange(28, dtype=np.float32).reshape(4, 7)
-  fn = RecordingScorer(table)
-  got = rerank.rerank_scores(sims, 1000, fn, batch_size=5, direction="i2t", log_fn=lambda s: None)
-  np.testing.assert_array_equal(got, table)  # every entry re-scored
-  got_t2i = rerank.rerank_scores(sims, 1000, fn, batch_size=5, direction="t2i",
-                                 log_fn=lambda s: None)
-  np.testing.assert_array_equal(got_t2i, table.T)
+def test_device_top_k_takes_the_lower_index_among_ties():
+  row = jnp.array([[0.0, 2.0, 2.0, 1.0, 2.0, 1.0]])
+  _, cols = jax.lax.top_k(row, 4)
+  assert cols.tolist() == [[1, 2, 4, 3]] == topk(np.asarray(row), 4).tolist()
 
 
-def test_select_topk_tie_rule():
-  row = np.array([[1.0, 3.0, 3.0, 2.0, 3.0]])
-  np.testing.assert_array_equal(rerank.select_topk(row, 2), [[1, 2]])
-  np.testing.assert_array_equal(rerank.select_topk(row, 4), [[1, 2, 4, 3]])
-  np.testing.assert_array_equal(rerank.select_topk(row, 9), [[1, 2, 4, 3, 0]])
-  rng = np.random.default_rng(3)
-  block = rng.integers(0, 4, size=(50, 40))
-  np.testing.assert_array_equal(rerank.select_topk(block, 11),
-                                np.argsort(-block, axis=1, kind="stable")[:, :11])
+def test_top_columns_equal_the_dense_matrix_order():
+  rng = np.random.default_rng(1)
+  for _ in range(50):
+    n_cols = int(rng.integers(2, 12))
+    k = int(rng.integers(1, n_cols + 1))
+    cand = np.stack([rng.permutation(n_cols)[:k] for _ in range(4)])
+    scores = rng.choice([-101.0, -100.0, 0.0, 1.0], size=cand.shape)
+    dense = rerank.dense_scores(cand, scores, n_cols)
+    assert rerank.top_columns(cand, scores, n_cols, 5) == topk(dense, 5).tolist()
+
+
+def test_progress_lines_and_bad_output_shape():
+  pairs = rerank.union_pairs(np.zeros((4, 2), np.int32) + [0, 1], np.zeros((2, 1), np.int32))
+  (groups,) = rerank.group_pairs(pairs, (1,))
+  out = np.zeros(len(pairs.images), np.float32)
+  lines, clock = [], iter(range(0, 1000, 20)).__next__
+  rerank.score_groups(groups, pairs.texts, lambda r, t: np.ones(len(t)), rows_per_call=1,
+                      out=out, log_fn=lines.append, clock=lambda: float(clock()))
+  assert "8 pairs in 8 groups of 1 texts" in lines[0] and "pairs/s, ETA" in lines[1]
+  assert "done, 8 pairs" in lines[-1] and (out == 1).all()
+  with pytest.raises(ValueError, match="score_fn returned shape"):
+    rerank.score_groups(groups, pairs.texts, lambda r, t: np.zeros(len(t) - 1), rows_per_call=2,
+                        out=out, log_fn=lambda s: None)
+  with pytest.raises(ValueError, match="rows_per_call"):
+    rerank.score_groups(groups, pairs.texts, lambda r, t: t, rows_per_call=0, out=out)
 
 
 def test_sharded_row_range_covers_rows():
-  for n in (0, 1, 5, 17, 100):
-    for count in (1, 2, 3, 8):
+  for n in (0, 1, 7, 10):
+    for count in (1, 2, 3, 4):
       ranges = [rerank.sharded_row_range(n, p, count) for p in range(count)]
       assert ranges[0][0] == 0 and ranges[-1][1] == n
       assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -108,46 +125,5 @@ def test_sharded_row_range_covers_rows():
       assert max(sizes) - min(sizes) <= 1 and max(sizes) == rerank.max_rows_per_shard(n, count)
   with pytest.raises(ValueError):
     rerank.sharded_row_range(10, 3, 3)
-
-
-@pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_row_shards_assemble_to_full_result_in_lockstep(direction):
-  rng = np.random.default_rng(4)
-  sims = rng.normal(size=(7, 11))
-  table = rng.normal(size=(7, 11))
-  k, batch, count = 3, 4, 3
-  n_rows = 7 if direction == "i2t" else 11
-  full = rerank.rerank_scores(sims, k, RecordingScorer(table), batch_size=batch,
-                              direction=direction, log_fn=lambda s: None)
-  pad_rows = rerank.max_rows_per_shard(n_rows, count)
-  gathered, n_calls = [], []
-  for p in range(count):
-    fn = RecordingScorer(table)
-    part = rerank.rerank_scores(sims, k, fn, batch_size=batch, direction=direction,
-                                row_range=rerank.sharded_row_range(n_rows, p, count),
-                                pad_to_rows=pad_rows, log_fn=lambda s: None)
-    padded = np.full((pad_rows, part.shape[1]), -100.0, np.float32)
-    padded[:len(part)] = part
-    gathered.append(padded)
-    n_calls.append(len(fn.calls))
-  np.testing.assert_array_equal(rerank.assemble_row_shards(np.stack(gathered), n_rows), full)
-  assert n_calls == [math.ceil(pad_rows * k / batch)] * count
-
-
-def test_progress_lines_and_bad_output_shape():
-  sims = np.random.default_rng(5).normal(size=(10, 8))
-  table = np.zeros((10, 8))
-  ticks = iter(range(1000))
-  lines = []
-  rerank.rerank_scores(sims, 4, RecordingScorer(table), batch_size=4, direction="i2t",
-                       progress_every_s=3.0, log_fn=lines.append, clock=lambda: next(ticks))
-  progress = [line for line in lines if "pairs/s, ETA" in line]
-  # 10 calls, one clock tick per call: a line roughly every 3 ticks, plus a start and a done line.
-  assert 2 <= len(progress) <= 4, lines
-  assert "/40 pairs" in progress[0] and lines[-1].startswith("rerank i2t: done, 40 pairs")
-
-  with pytest.raises(ValueError, match="returned shape"):
-    rerank.rerank_scores(sims, 2, lambda i, t: np.zeros(len(i) - 1), batch_size=3,
-                         direction="i2t", log_fn=lambda s: None)
-  with pytest.raises(ValueError, match="direction"):
-    rerank.rerank_scores(sims, 2, lambda i, t: i, batch_size=3, direction="x")
+  blocks = [np.arange(4), np.array([4, 5, 6, -1])]  # the second block padded to 4 rows
+  np.testing.assert_array_equal(rerank.assemble_row_shards(blocks, 7), np.arange(7))

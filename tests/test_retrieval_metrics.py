@@ -210,3 +210,23 @@ def test_score_retrieval_tool_subprocess_and_shape_check(tmp_path):
   (tmp_path / "ann.json").write_text(json.dumps([{"image": "a", "caption": ["x"]}]))
   res = subprocess.run(cmd, capture_output=True, text=True)
   assert res.returncode != 0 and "1 images and 1 captions" in res.stderr
+
+
+@pytest.mark.parametrize("values", ["normal", "ties_and_fill"])
+def test_ranks_from_candidates_equal_the_ranks_of_the_dense_matrix(values):
+  """What the evaluation keeps ([rows, k] candidates and scores) ranks like the reference's
+  matrix with -100 off the candidates, ties and scores at or below -100 included."""
+  from x2vlm_jax.evaluate import rerank
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    n_rows, n_cols = int(rng.integers(1, 8)), int(rng.integers(2, 12))
+    k = int(rng.integers(1, n_cols + 1))
+    cand = np.stack([rng.permutation(n_cols)[:k] for _ in range(n_rows)])
+    scores = (rng.normal(size=(n_rows, k)) if values == "normal"
+              else rng.choice([-101.0, -100.0, 0.0, 1.0, 2.0], size=(n_rows, k)))
+    gt = [list(rng.choice(n_cols, size=int(rng.integers(1, 3)), replace=False))
+          for _ in range(n_rows)]
+    dense = rerank.dense_scores(cand, scores, n_cols)
+    np.testing.assert_array_equal(rm.ranks_from_candidates(cand, scores, gt, n_cols),
+                                  rm.rank_of_best_gt(dense, gt))

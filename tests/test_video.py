@@ -384,7 +384,7 @@ def _task_config(task_data):
   config.optim.lr, config.optim.warmup_steps = 2e-3, 0.0
   config.evals.video_retrieval = common.evaluator(
       "video_retrieval", file=task_data["msrvtt_test.jsonl"], video_root=task_data["root"],
-      k_test=8, batch_size=8)
+      k_test=8, batch_size=8, save_scores=True)
   config.evals.video_qa = common.evaluator(
       "video_qa", files=(task_data["qa_test.jsonl"],), video_root=task_data["root"], batch_size=8)
   return config

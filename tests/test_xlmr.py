@@ -324,9 +324,10 @@ def test_multilingual_retrieval_with_known_answers(monkeypatch):
   encode_images = retrieval.encode_images
   monkeypatch.setattr(retrieval, "encode_images",
                       lambda *a, **k: calls.append(1) or encode_images(*a, **k))
-  metrics, scores = retrieval.evaluate_multilingual_retrieval(
+  results = retrieval.evaluate_multilingual_retrieval(
       _CodeModel(), {}, dict(images=images, languages=langs), k_test=2 * n, batch_size=3,
       include_itc=True)
+  metrics = {lang: r.metrics for lang, r in results.items()}
   assert len(calls) == 1  # the images are encoded once for the three languages
   assert list(metrics) == ["en", "de", "fr"]
   assert all(m["itc_txt_r1"] == m["itc_img_r1"] == 100.0 for m in metrics.values())
@@ -338,11 +339,11 @@ def test_multilingual_retrieval_with_known_answers(monkeypatch):
   for lang, ids in captions.items():
     single = dict(images=images, text_ids=ids.astype(np.int32), text_atts=np.ones_like(ids),
                   txt2img=txt2img, img2txt=img2txt)
-    want, i2t, t2i = retrieval.evaluate_retrieval(_CodeModel(), {}, single, k_test=2 * n,
-                                                  batch_size=3, include_itc=True)
-    assert metrics[lang] == want
-    np.testing.assert_array_equal(scores[lang][0], i2t)
-    np.testing.assert_array_equal(scores[lang][1], t2i)
+    want = retrieval.evaluate_retrieval(_CodeModel(), {}, single, k_test=2 * n, batch_size=3,
+                                        include_itc=True)
+    assert metrics[lang] == want.metrics
+    for got, expected in zip(results[lang].dense(), want.dense()):
+      np.testing.assert_array_equal(got, expected)
 
 
 COLORS = {"en": ["red", "green", "blue"], "de": ["rotes", "grünes", "blaues"],
@@ -380,7 +381,7 @@ def test_multilingual_retrieval_from_config(spm_dir, tok, tmp_path):
   config = _xlmr_tiny_config(spm_dir, tok.vocab_size)
   config.evals.retrieval = common.evaluator(
       "multilingual_retrieval", file=str(tmp_path / "test.jsonl"), image_root=str(tmp_path),
-      languages=("en", "de", "fr"), k_test=2, batch_size=4)
+      languages=("en", "de", "fr"), k_test=2, batch_size=4, save_scores=True)
   model = x2vlm.build_model(config.model)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(model)))["params"]
   out_dir = tmp_path / "predictions"
@@ -395,7 +396,8 @@ def test_multilingual_retrieval_from_config(spm_dir, tok, tmp_path):
       for rec in captions:
         f.write(json.dumps({"image": rec["image"], "caption": rec["caption"][lang]}) + "\n")
     data = retrieval_task.load_retrieval_eval(str(single), str(tmp_path), 32, tok, 12)
-    want, i2t, _ = retrieval.evaluate_retrieval(model, params, data, k_test=2, batch_size=4)
+    single_result = retrieval.evaluate_retrieval(model, params, data, k_test=2, batch_size=4)
+    want, (i2t, _) = single_result.metrics, single_result.dense()
     for k in names:
       assert results[f"eval/retrieval/{lang}/{k}"] == pytest.approx(want[k], abs=1e-9), (lang, k)
     saved = np.load(out_dir / f"retrieval_{lang}_scores.npz")

@@ -7,6 +7,9 @@
   # the input pipeline alone: decoded + augmented + tokenised examples/s with one decoding thread
   python tools/benchmark.py --data --config configs/bench_small.py --data-dir /tmp/demo_data
   python tools/benchmark.py --data --config configs/demo.py:data_dir=/tmp/demo_data
+  # an evaluation alone, on synthetic images and captions, phase by phase
+  python tools/benchmark.py --eval retrieval --config configs/demo.py --eval-images 1000 \
+      [--captions 5 --k-test 16 --eval-batch 64 --embed-dtype bfloat16]
 
 `--data` reads `--data-dir` (a demo dataset from x2vlm_jax/data/demo.py: 200 training scenes of
 `--demo-image-size` pixels are written there if it holds none; it feeds the trained tasks it has a
@@ -21,6 +24,12 @@ random lengths with MLM masking as the pipeline does it, valid boxes and their p
 collated by the task's own collate function; image_text, regions, retrieval and grounding have
 one), calls the real `Trainer.train_step` once to compile, `--warmup` more times, then
 times `--steps` steps (block_until_ready after each).
+
+`--eval retrieval` runs the retrieval evaluation's engine (x2vlm_jax/evaluate/retrieval.py) on
+the config's model with random parameters, over `--eval-images` synthetic images (made a batch at a
+time) x `--captions` random captions: wall and CPU seconds per phase (encode_images,
+encode_texts, candidates, rerank, itc_ranks, metrics), candidate and distinct pairs, re-ranking
+pairs/s, analytic FLOPs per phase (flops.retrieval_eval_flops), peak host RSS and device memory.
 
 Output fields: examples_per_s (texts per step / median step time; a region batch counts its
 region texts), step_time_median_s / _p90_s, compile_time_s (first call minus the median step),
@@ -375,6 +384,113 @@ def bench_data(args) -> dict:
               cpu_count=os.cpu_count(), jax_version=jax.__version__, date=_now())
 
 
+# ---------------------------------------------------------------------------- eval mode
+class SyntheticImages:
+  """N random CLIP-normalised images, made when sliced (as `eval_data.EvalImages` decodes them):
+  image i is the same whatever the batch it is read in."""
+
+  def __init__(self, n: int, image_res: int):
+    self.n, self.image_res = n, image_res
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: slice) -> np.ndarray:
+    start, stop, _ = index.indices(self.n)
+    return np.stack([np.random.default_rng(i).standard_normal(
+        (self.image_res, self.image_res, 3), dtype=np.float32) for i in range(start, stop)])
+
+
+def _phase(timings: dict, name: str, fn):
+  """Runs `fn` (its device work finished before the clocks stop); wall and CPU seconds."""
+  import jax
+
+  wall, cpu = time.perf_counter(), time.process_time()
+  out = jax.block_until_ready(fn())
+  timings[name] = dict(wall_s=round(time.perf_counter() - wall, 3),
+                       cpu_s=round(time.process_time() - cpu, 3))
+  return out
+
+
+def bench_eval(args) -> dict:
+  """The retrieval evaluation of `--eval-images` synthetic images x `--captions` random captions
+  each, phase by phase (the engine of evaluate/retrieval.py on the config's model, random
+  parameters): wall / CPU seconds, pairs and pairs/s, peak host RSS and device memory, FLOPs."""
+  import flax.linen as nn
+  import jax
+  from x2vlm_jax import flops, sharding, tasks
+  from x2vlm_jax.data import synthetic
+  from x2vlm_jax.evaluate import rerank, retrieval, retrieval_metrics
+  from x2vlm_jax.models import x2vlm
+
+  if args.eval != "retrieval":
+    raise SystemExit(f"--eval {args.eval}: only 'retrieval' is benchmarked")
+  config = load_config(args.config, args)
+  mesh = make_mesh(config)
+  model = tasks.build_model(config)
+  with mesh, nn.logical_axis_rules(sharding.logical_rules(config)):
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(args.seed),
+                                               *x2vlm.init_inputs(model))["params"])
+  n_img, n_txt = args.eval_images, args.eval_images * args.captions
+  rng = np.random.default_rng(args.seed)
+  texts = synthetic.synthetic_texts(config, n_txt, rng)
+  text_ids = np.stack([t["text_ids"] for t in texts])
+  text_atts = np.stack([t["text_atts"] for t in texts])
+  txt2img = np.arange(n_txt, dtype=np.int32) // args.captions
+  img2txt = [list(range(i * args.captions, (i + 1) * args.captions)) for i in range(n_img)]
+  batch = args.eval_batch
+  fns = retrieval.make_retrieval_fns(model, mesh, args.embed_dtype)
+  timings: dict = {}
+  images = SyntheticImages(n_img, config.model.image_res)
+  image_embeds, image_feat = _phase(timings, "encode_images", lambda: retrieval.encode_images(
+      params, images, batch_size=batch, fns=fns, mesh=mesh))
+  text_embeds, text_feat, atts = _phase(timings, "encode_texts", lambda: retrieval.encode_texts(
+      params, text_ids, text_atts, batch_size=batch, fns=fns, mesh=mesh))
+  k_i2t, k_t2i = min(args.k_test, n_txt), min(args.k_test, n_img)
+  (_, cand_i2t), (_, cand_t2i) = _phase(timings, "candidates", lambda: (
+      retrieval.top_k_candidates(image_feat, text_feat, k_i2t, fns=fns, mesh=mesh),
+      retrieval.top_k_candidates(text_feat, image_feat, k_t2i, fns=fns, mesh=mesh)))
+  sizes = (k_i2t, max(1, k_i2t // 8)) if k_i2t > 1 else (1,)
+  pairs = rerank.union_pairs(cand_i2t, cand_t2i)
+
+  def score(rows, txt):
+    from x2vlm_jax.evaluate import common
+    return fns["pair_itm"](params, image_embeds, text_embeds, atts, common.put_batch(rows, mesh),
+                           common.put_batch(txt, mesh))[:, 1]
+
+  from x2vlm_jax.evaluate import common
+  scores = _phase(timings, "rerank", lambda: rerank.rerank(
+      cand_i2t, cand_t2i, score, group_sizes=sizes,
+      rows_per_call=lambda g: common.round_batch_size(max(1, batch // g), mesh),
+      log_fn=lambda line: None))
+  _phase(timings, "itc_ranks", lambda: (
+      retrieval.itc_ranks(image_feat, text_feat, img2txt, fns=fns, mesh=mesh),
+      retrieval.itc_ranks(text_feat, image_feat, txt2img, fns=fns, mesh=mesh)))
+  _phase(timings, "metrics", lambda: retrieval_metrics.metrics_from_ranks(
+      retrieval_metrics.ranks_from_candidates(cand_i2t, scores[0], img2txt, n_txt),
+      retrieval_metrics.ranks_from_candidates(cand_t2i, scores[1], txt2img, n_img)))
+  eval_flops = flops.retrieval_eval_flops(
+      config.model, images=n_img, texts=n_txt, text_len=config.data.max_tokens, k=args.k_test,
+      distinct_pairs=len(pairs.images))
+  devices = list(mesh.devices.flat)
+  device_peak = peak_memory(devices)
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                               else 1024)
+  asked = cand_i2t.size + cand_t2i.size
+  return dict(
+      mode="eval", eval=args.eval, config=args.config, images=n_img, texts=n_txt,
+      k_test=args.k_test, batch=batch, embed_dtype=args.embed_dtype, phases=timings,
+      total_wall_s=round(sum(t["wall_s"] for t in timings.values()), 3),
+      total_cpu_s=round(sum(t["cpu_s"] for t in timings.values()), 3),
+      candidate_pairs=asked, distinct_pairs=len(pairs.images),
+      rerank_pairs_per_s=len(pairs.images) / max(timings["rerank"]["wall_s"], 1e-9),
+      flops=eval_flops, total_flops=sum(eval_flops.values()),
+      peak_host_rss_bytes=int(rss),
+      peak_device_bytes=device_peak[0] if "device" in device_peak[1] else None,
+      device_kind=devices[0].device_kind, num_devices=len(devices),
+      jax_version=jax.__version__, date=_now())
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,6 +515,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--profile-steps", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data", action="store_true", help="benchmark the input pipeline instead")
+  parser.add_argument("--eval", default="", choices=("", "retrieval"),
+                      help="benchmark an evaluation on synthetic data instead")
+  parser.add_argument("--eval-images", type=int, default=500, help="--eval: images")
+  parser.add_argument("--captions", type=int, default=5, help="--eval: captions per image")
+  parser.add_argument("--k-test", type=int, default=16, help="--eval: re-ranking depth")
+  parser.add_argument("--eval-batch", type=int, default=64,
+                      help="--eval: images / texts per encoding call, ~pairs per ITM call")
+  parser.add_argument("--embed-dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="--eval: storage of the embeddings the re-ranking reads")
   parser.add_argument("--data-dir", default="",
                       help="--data: demo dataset dir (written if missing) to read from")
   parser.add_argument("--demo-image-size", type=int, default=96,
@@ -408,7 +533,10 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
-  result = bench_data(args) if args.data else bench_train(args)
+  if args.eval:
+    result = bench_eval(args)
+  else:
+    result = bench_data(args) if args.data else bench_train(args)
   print(json.dumps(result, sort_keys=True), flush=True)
   return result
 

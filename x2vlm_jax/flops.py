@@ -220,3 +220,45 @@ def _mlm_head(model_cfg) -> bool:
     return bool(_get(model_cfg, "mlm_head"))
   except (AttributeError, KeyError):
     return True
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def retrieval_eval_flops(model_cfg, *, images: int, texts: int, text_len: int, k: int,
+                         distinct_pairs: int | None = None, grouped: bool = True
+                         ) -> dict[str, int]:
+  """Forward FLOPs of a retrieval evaluation (`evaluate/retrieval.py`) of `images` images and
+  `texts` texts of `text_len` tokens, re-ranking the top `k` both ways, per phase.
+
+  grouped=True (today's engine, `rerank.py`): the `distinct_pairs` of both directions (default
+  images x k + texts x k: no pair in both, the most there can be) are fused grouped by image, in
+  groups of k texts and the rest of each image in groups of k / 8, keys / values projected once per
+  group; the padding of each image's last group counted, the pairs spread evenly over the images.
+  grouped=False: every pair of each direction projects its own image's keys / values (the
+  reference). Similarities: the top-k of both directions and the ITC-only ranks of both (4
+  products of [images x texts x E]); the ITM head on every fused [CLS].
+  """
+  s = vision_tokens(model_cfg)
+  e = _get(model_cfg, "embed_dim")
+  k_i2t, k_t2i = min(k, texts), min(k, images)
+  out = {
+      "encode_images": vit_flops(model_cfg, images)
+                       + matmul_flops(images, e, _get(model_cfg, "vision_width")),
+      "encode_texts": text_encoder_flops(model_cfg, texts, text_len)
+                      + matmul_flops(texts, e, _get(model_cfg, "text_width")),
+      "similarities": 4 * matmul_flops(images, texts, e),
+  }
+  if not grouped:
+    pairs = images * k_i2t + texts * k_t2i
+    out["rerank_fusion"] = fusion_flops(model_cfg, pairs, text_len, s)
+    out["itm_head"] = mlp_head_flops(model_cfg, pairs, 2)
+    return out
+  pairs = images * k_i2t + texts * k_t2i if distinct_pairs is None else distinct_pairs
+  big, small = k_i2t, max(1, k_i2t // 8)
+  per_image = pairs / images
+  big_groups = int(per_image // big)
+  small_groups = -(-int(round(per_image - big_groups * big)) // small)
+  fused = images * (big_groups * big + small_groups * small)  # padding included
+  out["rerank_fusion"] = fusion_flops(model_cfg, fused, text_len, s,
+                                      vision_rows=images * (big_groups + small_groups))
+  out["itm_head"] = mlp_head_flops(model_cfg, fused, 2)
+  return out

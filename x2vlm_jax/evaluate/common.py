@@ -27,6 +27,7 @@ where they are, others are replicated once.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -155,30 +156,56 @@ def place_params(params: Any, mesh: Mesh | None) -> Any:
   return jax.tree.map(put, params)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(buffers, values, start):
+  """`values` (a pytree of [B, ...]) written into `buffers` ([N_pad, ...]) at row `start`."""
+  return jax.tree.map(lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v.astype(b.dtype),
+                                                                       start, 0), buffers, values)
+
+
+def _new_buffers(example, rows: int, mesh: Mesh | None):
+  """Zero device buffers [rows, ...] shaped like the leaves of `example` ([B, ...])."""
+  def make(x):
+    shape, dtype = (rows,) + tuple(x.shape[1:]), x.dtype
+    if mesh is None:
+      return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype),
+                   out_shardings=sharding_lib.batch_sharding(mesh))()
+  return jax.tree.map(make, example)
+
+
 def run_batched(fn: Callable[..., Any], arrays: Sequence[Any], batch_size: int,
-                mesh: Mesh | None, *, name: str = "", log_every: int = 0) -> Any:
+                mesh: Mesh | None, *, name: str = "", log_every: int = 0,
+                keep_padding: bool = False) -> Any:
   """`fn(*device_batches)` over fixed-size batches of `arrays` (common leading dim N).
 
   `arrays` are numpy arrays or lazy sequences whose slices load the rows (e.g.
-  `eval_data.EvalImages`, decoding images only for that batch). Returns the outputs (a pytree of
-  device arrays with leading dim N, padding dropped), concatenated on device. With `log_every`,
-  a progress line every that many batches.
+  `eval_data.EvalImages`, decoding images only for that batch). The outputs (a pytree of [B, ...]
+  device arrays) are written batch by batch into device buffers of ceil(N / B) * B rows (in
+  place: no concatenation, no second copy); returned with their padding rows (`keep_padding`:
+  rows >= N repeat the last input's outputs; for large outputs read by index) or cut to N. With
+  `log_every`, a progress line every that many batches.
   """
   n = len(arrays[0])
   if n == 0:
     raise ValueError("nothing to evaluate: empty inputs")
-  outs, t0 = [], time.monotonic()
+  buffers, t0 = None, time.monotonic()
+  n_pad = -(-n // batch_size) * batch_size
   for b, start in enumerate(range(0, n, batch_size)):
     stop = min(n, start + batch_size)
     out = fn(*[put_batch(pad_rows(np.asarray(a[start:stop]), batch_size), mesh) for a in arrays])
-    if stop - start < batch_size:
-      out = jax.tree.map(lambda y, m=stop - start: y[:m], out)
-    outs.append(out)
+    if buffers is None:
+      if n_pad == batch_size:  # one batch: nothing to write into
+        buffers = out
+      else:
+        buffers = _new_buffers(out, n_pad, mesh)
+    if n_pad != batch_size:
+      buffers = _write_rows(buffers, out, jnp.int32(start))
     if log_every and (b % log_every == 0 or stop == n):
       logging.info("%s: %d/%d (%.1f/s)", name, stop, n, stop / max(time.monotonic() - t0, 1e-9))
-  if len(outs) == 1:
-    return outs[0]
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+  if keep_padding or n_pad == n:
+    return buffers
+  return jax.tree.map(lambda y: y[:n], buffers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,44 +1,27 @@
-"""Top-k ITM re-ranking of retrieval candidates, streamed in fixed-size batches of pairs.
+"""Top-k ITM re-ranking of retrieval candidates, grouped by vision row over both directions.
 
-The reference's retrieval evaluation (REFERENCE_DETAILED.md §4.1): ITC similarities `sims`
-[N_img, N_txt] for all pairs; then for each image its top-k texts by `sims` are re-scored with the
-ITM head (raw logit of class 1), everything else is -100; symmetrically for each text over images.
-This module is the model-agnostic driver of that second step:
+The reference's retrieval evaluation (REFERENCE_DETAILED.md §4.1) re-scores, for each image, its
+top-k texts by ITC similarity with the ITM head (the raw class-1 logit), and for each text its
+top-k images; everything else scores -100. The fusion layers project an image's keys and values
+from its [1+N, D] embeddings, the expensive part of a fusion pass. So here:
 
-  scores_i2t = rerank_scores(sims, 256, fn, batch_size=512, direction="i2t")  # [N_img, N_txt]
-  scores_t2i = rerank_scores(sims, 256, fn, batch_size=512, direction="t2i")  # [N_txt, N_img]
+  1. the pairs of both directions are merged (`union_pairs`): a pair that is in an image's top-k
+     and in its text's top-k is scored once, for both;
+  2. they are grouped by image (`group_pairs`): each image goes to the fusion layers with all the
+     texts it is paired with, in groups of G texts (one vision row each: its keys and values are
+     projected once per group); an image's texts fill groups of the large size, what is left
+     groups of the small size, the last one padded (padding dropped);
+  3. `score_groups` runs `rows_per_call` groups per call: one compiled shape per group size.
+Only [rows, k] candidates and scores exist on the host; nothing of size N_img x N_txt.
 
-`fn(image_idx [P] int32, text_idx [P] int32) -> [P] float32` scores P = batch_size pairs (the
-caller wraps its jitted fusion + ITM head and gathers the cached image/text features by index).
-It is always called with exactly `batch_size` pairs (the last batch is padded by repeating its
-last pair, and the padded results are dropped), so a jitted `fn` compiles once. Only one batch of
-pairs exists at a time: nothing of size N_img x N_txt x ... is ever built; the only large arrays
-are `sims` and the [rows, cols] output. Pairs are issued row by row (the k candidates of one
-image, or one text, are consecutive, best first), which lets a caller reuse per-row features.
-Results are copied to host one call late, so a `fn` that returns a `jax.Array` without blocking
-overlaps the device's next batch with host-side bookkeeping.
+`score_fn(vision_rows [R] int32, texts [R * G] int32) -> [R * G]` (numpy or jax; copied to the host
+one call late, so a jitted `score_fn` overlaps the device's next call with host bookkeeping).
 
-Top-k with tied similarities (deterministic): the k largest values of the row; among equal values
-at the boundary the lower column index is taken (torch.topk leaves this unspecified).
-
-Multi-host evaluation: split rows, not pairs, and assemble rows; do not sum -100-filled matrices.
-(The reference all-reduces SUM over -100-initialised matrices: each entry gains -100 * (W - 1), a
-constant per row that keeps ranks but corrupts the scores.) Recipe:
-
-  n_rows = sims.shape[0] if direction == "i2t" else sims.shape[1]
-  max_rows = max_rows_per_shard(n_rows, jax.process_count())
-  start, stop = sharded_row_range(n_rows, jax.process_index(), jax.process_count())
-  part = rerank_scores(sims, k, fn, batch_size=B, direction=direction, row_range=(start, stop),
-                       pad_to_rows=max_rows)
-  padded = np.full((max_rows, part.shape[1]), -100, np.float32)
-  padded[:len(part)] = part
-  full = assemble_row_shards(multihost_utils.process_allgather(padded), n_rows)
-
-`pad_to_rows` makes every process issue the same number of `fn` calls (needed when `fn` is a
-jitted computation over a global mesh, which all processes must enter together).
+Multi-host evaluation splits rows, not pairs (`sharded_row_range`, `assemble_row_shards`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -46,46 +29,200 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-PairScoreFn = Callable[[np.ndarray, np.ndarray], Any]
+ScoreFn = Callable[[np.ndarray, np.ndarray], Any]
 
 # Value of the entries that were not re-scored (the reference's fill value).
 NOT_RERANKED = -100.0
 
-# Similarity elements processed at once during top-k selection (bounds the temporaries).
-_CHUNK_ELEMS = 1 << 22
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+  """The distinct (image, text) pairs of both directions' candidates, and where each score goes:
+  `slot_i2t[p]` into the flattened [N_img, k] image -> text candidates (-1: not there), `slot_t2i[p]`
+  into the flattened [N_txt, k] text -> image ones."""
+  images: np.ndarray  # [P] int32
+  texts: np.ndarray  # [P] int32
+  slot_i2t: np.ndarray  # [P] int64
+  slot_t2i: np.ndarray  # [P] int64
 
 
-def select_topk(scores: Any, k: int) -> np.ndarray:
-  """Column indices of the k largest entries of each row, best first.
-
-  Args:
-    scores: [R, M] scores. k: clamped to M.
-
-  Returns:
-    [R, min(k, M)] int32. Among equal scores the lower column index comes first (and wins the
-    last places), i.e. the first k of a stable sort by descending score, at O(M) per row.
-  """
-  scores = np.asarray(scores)
-  if scores.ndim != 2:
-    raise ValueError(f"select_topk: expected [R, M] scores, got shape {scores.shape}")
-  if k < 1:
-    raise ValueError(f"select_topk: k must be >= 1, got {k}")
-  n_rows, n_cols = scores.shape
-  k = min(k, n_cols)
-  if scores.dtype.kind == "f" and np.isnan(scores).any():
-    raise ValueError("select_topk: NaN in scores")
-  # Threshold = k-th largest value; take everything above it, then the lowest-index ties.
-  kth = np.partition(scores, n_cols - k, axis=1)[:, n_cols - k:n_cols - k + 1]
-  above = scores > kth
-  tied = scores == kth
-  room = k - np.count_nonzero(above, axis=1, keepdims=True)
-  chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= room))
-  cols = np.nonzero(chosen)[1].reshape(n_rows, k)  # ascending column order within each row
-  vals = np.take_along_axis(scores, cols, axis=1)
-  order = np.argsort(-vals, axis=1, kind="stable")
-  return np.take_along_axis(cols, order, axis=1).astype(np.int32)
+def union_pairs(candidates_i2t: np.ndarray, candidates_t2i: np.ndarray) -> Pairs:
+  """Both directions' candidate pairs, each distinct pair once: `candidates_i2t [N_img, k1]` text
+  indices, `candidates_t2i [N_txt, k2]` image indices."""
+  cand_i2t = np.asarray(candidates_i2t, np.int64)
+  cand_t2i = np.asarray(candidates_t2i, np.int64)
+  n_img, k1 = cand_i2t.shape
+  n_txt, k2 = cand_t2i.shape
+  img = np.concatenate([np.repeat(np.arange(n_img), k1), cand_t2i.reshape(-1)])
+  txt = np.concatenate([cand_i2t.reshape(-1), np.repeat(np.arange(n_txt), k2)])
+  keys, index = np.unique(img * n_txt + txt, return_inverse=True)  # sorted by image, then text
+  slot_i2t = np.full(len(keys), -1, np.int64)
+  slot_t2i = np.full(len(keys), -1, np.int64)
+  slot_i2t[index[:n_img * k1]] = np.arange(n_img * k1)
+  slot_t2i[index[n_img * k1:]] = np.arange(n_txt * k2)
+  return Pairs((keys // n_txt).astype(np.int32), (keys % n_txt).astype(np.int32), slot_i2t,
+               slot_t2i)
 
 
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """Pairs grouped by vision row: group c pairs image `rows[c]` with the texts of the pairs
+  `pairs[c, :]`; `valid[c, j]` is False for padding (which repeats the group's first pair)."""
+  rows: np.ndarray  # [C] int32
+  pairs: np.ndarray  # [C, G] int64 indices into the `Pairs`
+  valid: np.ndarray  # [C, G] bool
+
+  @property
+  def group_size(self) -> int:
+    return int(self.pairs.shape[1])
+
+  @property
+  def num_pairs(self) -> int:
+    return int(self.valid.sum())
+
+
+def _groups(images: np.ndarray, members: np.ndarray, group_size: int) -> Groups:
+  """`members` (pair indices, sorted by `images[members]`) in groups of `group_size` per image."""
+  member_images = images[members]
+  if len(members) == 0:
+    return Groups(np.zeros(0, np.int32), np.zeros((0, group_size), np.int64),
+                  np.zeros((0, group_size), bool))
+  starts = np.flatnonzero(np.r_[True, member_images[1:] != member_images[:-1]])
+  counts = np.diff(np.r_[starts, len(members)])
+  per_image = -(-counts // group_size)
+  first_group = np.r_[0, np.cumsum(per_image)[:-1]]
+  position = np.arange(len(members)) - np.repeat(starts, counts)
+  group = np.repeat(first_group, counts) + position // group_size
+  slot = position % group_size
+  pairs = np.zeros((int(per_image.sum()), group_size), np.int64)
+  valid = np.zeros(pairs.shape, bool)
+  pairs[group, slot] = members
+  valid[group, slot] = True
+  pairs = np.where(valid, pairs, pairs[:, :1])
+  return Groups(np.repeat(member_images[starts], per_image).astype(np.int32), pairs, valid)
+
+
+def group_pairs(pairs: Pairs, sizes: Sequence[int]) -> list[Groups]:
+  """The pairs of each image in groups of `sizes[0]` texts; the rest of each image in groups of
+  `sizes[1]` (and so on; the last size's last group padded). `pairs` must be sorted by image
+  (`union_pairs` is)."""
+  members = np.arange(len(pairs.images))
+  out = []
+  for n, size in enumerate(sizes):
+    last = n == len(sizes) - 1
+    member_images = pairs.images[members]
+    starts = np.flatnonzero(np.r_[True, member_images[1:] != member_images[:-1]]) \
+        if len(members) else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[starts, len(members)]) if len(members) else np.zeros(0, np.int64)
+    position = np.arange(len(members)) - np.repeat(starts, counts)
+    whole = np.repeat(counts // size * size, counts)
+    take = np.ones(len(members), bool) if last else position < whole
+    out.append(_groups(pairs.images, members[take], size))
+    members = members[~take]
+  return out
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def score_groups(groups: Groups, texts: np.ndarray, score_fn: ScoreFn, *, rows_per_call: int,
+                 out: np.ndarray, name: str = "rerank", progress_every_s: float | None = 10.0,
+                 log_fn: Callable[[str], Any] = logging.info,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+  """Scores every valid pair of `groups` (text of pair p: `texts[p]`), `rows_per_call` groups per
+  call (the last call padded by repeating the last group), into `out[p]`."""
+  if rows_per_call < 1:
+    raise ValueError(f"rows_per_call must be >= 1, got {rows_per_call}")
+  num_groups, group = groups.pairs.shape
+  if num_groups == 0:
+    return
+  n_calls = math.ceil(num_groups / rows_per_call)
+  total = groups.num_pairs
+  log_fn(f"{name}: {total} pairs in {num_groups} groups of {group} texts per vision row, "
+         f"{n_calls} calls of {rows_per_call} rows")
+  t_start = last_log = clock()
+  done = 0
+  pending = None
+
+  def store(item):
+    nonlocal done
+    index, result = item
+    result = np.asarray(result, np.float32).reshape(-1)
+    if result.shape != (rows_per_call * group,):
+      raise ValueError(f"score_fn returned shape {result.shape} for {rows_per_call * group} "
+                       f"pairs")
+    result = result.reshape(rows_per_call, group)[:len(index)]
+    valid = groups.valid[index]
+    out[groups.pairs[index][valid]] = result[valid]
+    done += int(valid.sum())
+
+  for call in range(n_calls):
+    index = np.arange(call * rows_per_call, min(num_groups, (call + 1) * rows_per_call))
+    padded = np.concatenate([index, np.full(rows_per_call - len(index), index[-1])])
+    result = score_fn(groups.rows[padded], texts[groups.pairs[padded].reshape(-1)])
+    if pending is not None:
+      store(pending)
+    pending = (index, result)
+    now = clock()
+    if progress_every_s is not None and now - last_log >= progress_every_s and done:
+      last_log = now
+      rate = done / max(now - t_start, 1e-9)
+      log_fn(f"{name}: {done}/{total} pairs ({100.0 * done / total:.1f}%), {rate:.0f} pairs/s, "
+             f"ETA {_format_seconds((total - done) / rate)}")
+  store(pending)
+  elapsed = clock() - t_start
+  log_fn(f"{name}: done, {total} pairs in {_format_seconds(elapsed)} "
+         f"({total / max(elapsed, 1e-9):.0f} pairs/s)")
+
+
+def rerank(candidates_i2t: np.ndarray, candidates_t2i: np.ndarray, score_fn: ScoreFn, *,
+           group_sizes: Sequence[int], rows_per_call: Callable[[int], int],
+           log_fn: Callable[[str], Any] = logging.info,
+           progress_every_s: float | None = 10.0) -> tuple[np.ndarray, np.ndarray]:
+  """Re-scores both directions' candidates (module docstring) -> (scores_i2t [N_img, k1],
+  scores_t2i [N_txt, k2]) float32. `rows_per_call(group_size)` gives the groups per call."""
+  pairs = union_pairs(candidates_i2t, candidates_t2i)
+  scores = np.full(len(pairs.images), NOT_RERANKED, np.float32)
+  asked = candidates_i2t.size + candidates_t2i.size
+  log_fn(f"rerank: {asked} candidate pairs, {len(pairs.images)} distinct")
+  for groups in group_pairs(pairs, group_sizes):
+    score_groups(groups, pairs.texts, score_fn, rows_per_call=rows_per_call(groups.group_size),
+                 out=scores, name=f"rerank (groups of {groups.group_size})", log_fn=log_fn,
+                 progress_every_s=progress_every_s)
+  scores_i2t = np.full(candidates_i2t.size, NOT_RERANKED, np.float32)
+  scores_t2i = np.full(candidates_t2i.size, NOT_RERANKED, np.float32)
+  scores_i2t[pairs.slot_i2t[pairs.slot_i2t >= 0]] = scores[pairs.slot_i2t >= 0]
+  scores_t2i[pairs.slot_t2i[pairs.slot_t2i >= 0]] = scores[pairs.slot_t2i >= 0]
+  return scores_i2t.reshape(candidates_i2t.shape), scores_t2i.reshape(candidates_t2i.shape)
+
+
+def dense_scores(candidates: np.ndarray, scores: np.ndarray, num_columns: int,
+                 dtype=np.float32) -> np.ndarray:
+  """The reference's [rows, num_columns] matrix: the re-ranked scores at the candidates,
+  NOT_RERANKED elsewhere (memory rows x num_columns: only when a score file is asked for)."""
+  out = np.full((len(candidates), num_columns), NOT_RERANKED, dtype)
+  np.put_along_axis(out, np.asarray(candidates, np.int64), np.asarray(scores, dtype), axis=1)
+  return out
+
+
+def top_columns(candidates: np.ndarray, scores: np.ndarray, num_columns: int,
+                m: int = 10) -> list[list[int]]:
+  """The best `m` columns of each row of the dense matrix (`dense_scores`) without building it:
+  candidates by score (ties: lower column first), merged with the lowest non-candidate columns
+  at NOT_RERANKED."""
+  out = []
+  for cols, vals in zip(np.asarray(candidates), np.asarray(scores, np.float32)):
+    entries = sorted(zip((-vals).tolist(), cols.tolist()))
+    taken = set(cols.tolist())
+    others = [c for c in range(min(num_columns, m + len(taken))) if c not in taken][:m]
+    entries = sorted(entries + [(-NOT_RERANKED, c) for c in others])
+    out.append([c for _, c in entries[:m]])
+  return out
+
+
+# ------------------------------------------------------------------------------ multi-host rows
 def sharded_row_range(n_rows: int, process_index: int, process_count: int) -> tuple[int, int]:
   """Contiguous, balanced [start, stop) row block of one process (sizes differ by at most 1)."""
   if not 0 <= process_index < process_count:
@@ -102,7 +239,7 @@ def max_rows_per_shard(n_rows: int, process_count: int) -> int:
 
 def assemble_row_shards(shards: Sequence[np.ndarray] | np.ndarray, n_rows: int) -> np.ndarray:
   """Stacks per-process row blocks (process order, each possibly padded at the end) into the
-  full [n_rows, M] matrix, using `sharded_row_range` to know how many rows each block owns."""
+  full [n_rows, ...] array, using `sharded_row_range` to know how many rows each block owns."""
   count = len(shards)
   parts = []
   for p in range(count):
@@ -112,118 +249,3 @@ def assemble_row_shards(shards: Sequence[np.ndarray] | np.ndarray, n_rows: int) 
                        f"{stop - start}")
     parts.append(np.asarray(shards[p][:stop - start]))
   return np.concatenate(parts, axis=0)
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def rerank_scores(sims: Any, k: int, pair_score_fn: PairScoreFn, *, batch_size: int,
-                  direction: str, row_range: tuple[int, int] | None = None,
-                  pad_to_rows: int | None = None, progress_every_s: float | None = 10.0,
-                  log_fn: Callable[[str], Any] = logging.info,
-                  clock: Callable[[], float] = time.monotonic) -> np.ndarray:
-  """Re-scores each row's top-k candidates with `pair_score_fn`; -100 elsewhere.
-
-  Args:
-    sims: [N_img, N_txt] ITC similarities (numpy or jax), for both directions.
-    k: candidates per row (k_test); clamped to the number of columns.
-    pair_score_fn: `(image_idx [batch_size] int32, text_idx [batch_size] int32) -> [batch_size]`
-      scores (numpy or jax, converted to float32). Indices are global (into `sims`).
-    batch_size: pairs per call; every call gets exactly this many.
-    direction: 'i2t' (rows are images, candidates texts) or 't2i' (rows are texts, i.e. the
-      columns of `sims`; candidates images).
-    row_range: optional [start, stop) of rows to process (see `sharded_row_range`); default all.
-    pad_to_rows: optional; issue as many calls as `pad_to_rows` rows would need (padding with
-      repeated pairs), so processes with different row counts make the same number of calls.
-    progress_every_s: seconds between progress lines (pairs done/total, pairs/s, ETA); None: off.
-    log_fn: receives each progress line (a formatted string).
-    clock: time source, for tests.
-
-  Returns:
-    [stop - start, N_cols] float32: direction 'i2t' -> [rows, N_txt], 't2i' -> [rows, N_img].
-  """
-  if direction not in ("i2t", "t2i"):
-    raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  sims = np.asarray(sims)
-  if sims.ndim != 2:
-    raise ValueError(f"sims: expected [N_img, N_txt], got shape {sims.shape}")
-  n_rows, n_cols = sims.shape if direction == "i2t" else sims.shape[::-1]
-  start, stop = (0, n_rows) if row_range is None else row_range
-  if not 0 <= start <= stop <= n_rows:
-    raise ValueError(f"row_range {row_range} not within [0, {n_rows}]")
-  if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
-  k = min(k, n_cols)
-  rows = stop - start
-  out = np.full((rows, n_cols), NOT_RERANKED, np.float32)
-  if n_cols == 0:
-    return out
-
-  # Candidates [rows, k], selected in row chunks (t2i: a chunk of columns of sims, transposed).
-  candidates = np.empty((rows, k), np.int32)
-  step = max(1, _CHUNK_ELEMS // max(n_cols, 1))
-  for r0 in range(start, stop, step):
-    r1 = min(stop, r0 + step)
-    block = sims[r0:r1] if direction == "i2t" else sims[:, r0:r1].T
-    if block.dtype.kind != "f" or block.dtype.itemsize < 4:
-      block = block.astype(np.float32)  # bf16/f16 from an accelerator: compare in f32
-    candidates[r0 - start:r1 - start] = select_topk(block, k)
-  flat_candidates = candidates.reshape(-1)
-
-  total = rows * k
-  n_calls = math.ceil(max(total, (pad_to_rows or 0) * k) / batch_size)
-  if n_calls == 0:
-    return out
-  if n_rows == 0:
-    raise ValueError(f"pad_to_rows={pad_to_rows} asks for calls, but sims {sims.shape} has no "
-                     f"{direction} rows to draw a padding pair from")
-  # Padding pair: the last real pair (or this direction's pair (0, 0) when the range is empty).
-  pad_row, pad_col = (stop - 1, flat_candidates[-1]) if total else (0, 0)
-  log_fn(f"rerank {direction}: rows [{start}, {stop}) x top-{k} = {total} pairs in {n_calls} "
-         f"calls of {batch_size}")
-
-  t_start = last_log = clock()
-  done = 0
-  pending = None  # (local rows, columns, result) of the previous call, stored one call late
-
-  def store(item):
-    nonlocal done
-    local_rows, cols, result = item
-    result = np.asarray(result, dtype=np.float32)
-    if result.shape != (batch_size,):
-      raise ValueError(f"pair_score_fn returned shape {result.shape} for {batch_size} pairs; "
-                       f"expected ({batch_size},)")
-    out[local_rows, cols] = result[:len(local_rows)]
-    done += len(local_rows)
-
-  for call in range(n_calls):
-    pair = np.arange(call * batch_size, min(total, (call + 1) * batch_size))
-    local_rows = (pair // k).astype(np.int32)
-    cols = flat_candidates[pair]
-    row_idx, col_idx = local_rows + start, cols
-    if len(pair) < batch_size:
-      fill = batch_size - len(pair)
-      row_idx = np.concatenate([row_idx, np.full(fill, pad_row, np.int32)])
-      col_idx = np.concatenate([col_idx, np.full(fill, pad_col, np.int32)])
-    image_idx, text_idx = (row_idx, col_idx) if direction == "i2t" else (col_idx, row_idx)
-    result = pair_score_fn(image_idx.astype(np.int32), text_idx.astype(np.int32))
-    if pending is not None:
-      store(pending)
-    pending = (local_rows, cols, result)
-
-    now = clock()
-    if progress_every_s is not None and now - last_log >= progress_every_s and done:
-      last_log = now
-      rate = done / max(now - t_start, 1e-9)
-      log_fn(f"rerank {direction}: {done}/{total} pairs ({100.0 * done / total:.1f}%), "
-             f"{rate:.0f} pairs/s, ETA {_format_seconds((total - done) / rate)}")
-  store(pending)
-
-  elapsed = clock() - t_start
-  log_fn(f"rerank {direction}: done, {total} pairs in {_format_seconds(elapsed)} "
-         f"({total / max(elapsed, 1e-9):.0f} pairs/s)")
-  return out

@@ -8,7 +8,8 @@ Formats (all host-side numpy; jax arrays are accepted and copied to host):
 
 After ITM re-ranking (`rerank.py`) the matrices hold the raw class-1 ITM logit for each row's top-k
 candidates and -100 elsewhere (REFERENCE_DETAILED.md §4.1); the metrics below do not care how the
-scores were produced.
+scores were produced. `ranks_from_candidates` gives the ranks of such a matrix from the [rows, k]
+candidates and their scores alone (what the evaluation keeps).
 
 Rank: the 0-based position of an item when its row is sorted by descending score. The rank of a
 row is that of its best-ranked ground-truth item; R@k = 100 * fraction of rows with rank < k.
@@ -47,7 +48,7 @@ def _as_score_matrix(scores: Any, name: str) -> np.ndarray:
   return scores
 
 
-def _ground_truth_csr(gt: GroundTruth, n_rows: int, n_cols: int, name: str
+def ground_truth_csr(gt: GroundTruth, n_rows: int, n_cols: int, name: str
                       ) -> tuple[np.ndarray, np.ndarray]:
   """Ground truth as CSR: row r owns `indices[offsets[r]:offsets[r+1]]` (each row non-empty)."""
   if isinstance(gt, np.ndarray) and gt.ndim == 1 and np.issubdtype(gt.dtype, np.integer):
@@ -90,7 +91,7 @@ def rank_of_best_gt(scores: Any, gt: GroundTruth) -> np.ndarray:
   """
   scores = _as_score_matrix(scores, "scores")
   n_rows, n_cols = scores.shape
-  offsets, gt_cols = _ground_truth_csr(gt, n_rows, n_cols, "gt")
+  offsets, gt_cols = ground_truth_csr(gt, n_rows, n_cols, "gt")
   gt_rows = np.repeat(np.arange(n_rows), np.diff(offsets))
   gt_vals = scores[gt_rows, gt_cols]
   # Sort pairs by row, then descending score, then ascending column; the first pair of each row
@@ -142,8 +143,54 @@ def retrieval_metrics(scores_i2t: Any, scores_t2i: Any, img2txt: GroundTruth,
   if scores_t2i.shape != scores_i2t.shape[::-1]:
     raise ValueError(f"scores_i2t is {scores_i2t.shape} [N_img, N_txt] but scores_t2i is "
                      f"{scores_t2i.shape}; expected {scores_i2t.shape[::-1]} [N_txt, N_img]")
-  txt_ranks = rank_of_best_gt(scores_i2t, img2txt)
-  img_ranks = rank_of_best_gt(scores_t2i, txt2img)
+  return metrics_from_ranks(rank_of_best_gt(scores_i2t, img2txt),
+                            rank_of_best_gt(scores_t2i, txt2img))
+
+
+def ranks_from_candidates(candidates: Any, scores: Any, gt: GroundTruth, num_columns: int,
+                          fill: float = -100.0) -> np.ndarray:
+  """`rank_of_best_gt` of the dense matrix that holds `scores` at each row's `candidates` and
+  `fill` everywhere else, computed from the [rows, k] candidates alone (no rows x num_columns
+  array): for a ground-truth column g of value v (its score, or `fill` off the candidates),
+    rank = #{candidates > v} + #{candidates == v, column < g}
+           + (#non-candidates if fill > v) + (#non-candidate columns < g if fill == v).
+
+  Args:
+    candidates: [R, k] distinct column indices per row. scores: [R, k] their scores.
+    gt: as for `rank_of_best_gt`. num_columns: M. fill: the value off the candidates.
+  Returns:
+    [R] int64 ranks in [0, M).
+  """
+  candidates = np.asarray(candidates, np.int64)
+  scores = np.asarray(scores, np.float64)
+  n_rows, k = candidates.shape
+  offsets, gt_cols = ground_truth_csr(gt, n_rows, num_columns, "gt")
+  if np.isnan(scores).any():
+    raise ValueError("scores: NaN")
+  gt_rows = np.repeat(np.arange(n_rows), np.diff(offsets))
+  ranks = np.empty(len(gt_rows), np.int64)
+  step = max(1, _CHUNK_ELEMS // max(k, 1))
+  for p0 in range(0, len(gt_rows), step):
+    rows, cols = gt_rows[p0:p0 + step], gt_cols[p0:p0 + step, None]
+    cand, vals = candidates[rows], scores[rows]
+    hit = cand == cols
+    is_candidate = hit.any(axis=1)
+    value = np.where(is_candidate, np.where(hit, vals, 0.0).sum(axis=1), fill)[:, None]
+    rank = (np.count_nonzero(vals > value, axis=1)
+            + np.count_nonzero((vals == value) & (cand < cols), axis=1))
+    value, cols = value[:, 0], cols[:, 0]
+    others_before = cols - np.count_nonzero(cand < cols[:, None], axis=1)  # g itself excluded
+    rank += np.where(fill > value, num_columns - k, 0)
+    rank += np.where(fill == value, others_before, 0)
+    ranks[p0:p0 + step] = rank
+  # The best ground truth of a row is its lowest rank.
+  best = np.full(n_rows, np.iinfo(np.int64).max)
+  np.minimum.at(best, gt_rows, ranks)
+  return best
+
+
+def metrics_from_ranks(txt_ranks: Any, img_ranks: Any) -> dict[str, float]:
+  """TR@1/5/10 from the image->text ranks, IR@1/5/10 from the text->image ranks, their means."""
   out = {}
   for prefix, ranks in (("txt", txt_ranks), ("img", img_ranks)):
     recalls = [recall_at_k_from_ranks(ranks, k) for k in (1, 5, 10)]

@@ -8,7 +8,8 @@ other's ITM negatives. No MLM.
 Evaluators (REFERENCE_DETAILED §4.1; the engine is `evaluate/retrieval.py`):
   type "retrieval": `{"image", "caption": [..]}` records (Karpathy test format, JSONL or a JSON
     list) -> eval/<name>/{txt_r1, txt_r5, txt_r10, img_r1, ..., r_mean} (ITM re-ranked top
-    `k_test`) and itc_* (ITC alone); files <name>_scores.npz, <name>_rankings.json.
+    `k_test`) and itc_* (ITC alone); files <name>_rankings.json (top 10 each way) and, with
+    `save_scores`, <name>_scores.npz (the full re-ranked score matrices).
   type "multilingual_retrieval": `{"image", "caption": {lang: [..]}}` (one image set, captions
     per language) -> eval/<name>/<lang>/... per language and eval/<name>/mean/... over them;
     files <name>_<lang>_{scores.npz,rankings.json}.
@@ -121,6 +122,11 @@ class RetrievalEvaluator(common.Evaluator):
         file="",  # {"image", "caption": [..]} records
         image_root="",
         k_test=16,  # ITM re-ranking depth per row (reference: 256 COCO, 128 Flickr)
+        # Storage of the image / text embeddings the re-ranking reads: bfloat16 halves them
+        # (the fusion still computes in the model's dtype).
+        embed_dtype="float32",
+        save_scores=False,  # also write the full score matrices (<name>_scores.npz)
+        scores_dtype="float32",  # ... as float32 or float16
     ))
     return cfg
 
@@ -131,18 +137,22 @@ class RetrievalEvaluator(common.Evaluator):
     d = config.data
     self.data = self.load(cfg, text_lib.load_tokenizer(d.vocab_path), config.model.image_res,
                           d.max_tokens, d.max_words, d.exif_transpose)
-    self.fns = engine.make_retrieval_fns(model, mesh)
+    self.fns = engine.make_retrieval_fns(model, mesh, cfg.embed_dtype)
 
   def load(self, cfg, tokenizer, image_res, max_tokens, max_words, exif_transpose):
     return load_retrieval_eval(cfg.file, cfg.image_root, image_res, tokenizer, max_tokens,
                                max_words=max_words, exif_transpose=exif_transpose)
 
+  def write(self, predictions_dir, stem, result):
+    engine.write_outputs(predictions_dir, stem, result, save_scores=self.cfg.save_scores,
+                         scores_dtype=self.cfg.scores_dtype)
+
   def run(self, params, step=0, *, predictions_dir=None):
-    metrics, scores_i2t, scores_t2i = engine.evaluate_retrieval(
+    result = engine.evaluate_retrieval(
         self.model, params, self.data, k_test=self.cfg.k_test, batch_size=self.batch_size,
         mesh=self.mesh, include_itc=True, log_fn=self.log, fns=self.fns)
-    engine.write_outputs(predictions_dir, self.name, scores_i2t, scores_t2i)
-    return {self.metric_name(k): v for k, v in metrics.items()}
+    self.write(predictions_dir, self.name, result)
+    return {self.metric_name(k): v for k, v in result.metrics.items()}
 
 
 class MultilingualRetrievalEvaluator(RetrievalEvaluator):
@@ -163,15 +173,16 @@ class MultilingualRetrievalEvaluator(RetrievalEvaluator):
         max_words=max_words, exif_transpose=exif_transpose)
 
   def run(self, params, step=0, *, predictions_dir=None):
-    per_lang, scores = engine.evaluate_multilingual_retrieval(
+    per_lang = engine.evaluate_multilingual_retrieval(
         self.model, params, self.data, k_test=self.cfg.k_test, batch_size=self.batch_size,
         mesh=self.mesh, include_itc=True, log_fn=self.log, fns=self.fns)
     results = {}
-    for lang, metrics in per_lang.items():
-      results.update({self.metric_name(lang, k): v for k, v in metrics.items()})
-      engine.write_outputs(predictions_dir, f"{self.name}_{lang}", *scores[lang])
-    for key in next(iter(per_lang.values())):
-      results[self.metric_name("mean", key)] = float(np.mean([m[key] for m in per_lang.values()]))
+    for lang, result in per_lang.items():
+      results.update({self.metric_name(lang, k): v for k, v in result.metrics.items()})
+      self.write(predictions_dir, f"{self.name}_{lang}", result)
+    for key in next(iter(per_lang.values())).metrics:
+      results[self.metric_name("mean", key)] = float(np.mean([r.metrics[key]
+                                                              for r in per_lang.values()]))
     return results
 
 

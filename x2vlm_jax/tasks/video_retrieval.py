@@ -13,7 +13,7 @@ video goes through `X2VLM.encode_video` once, every text through the text encode
 image-retrieval engine (`evaluate/retrieval.py`): ITC similarities, top-`k_test` ITM re-ranking
 by the raw class-1 logit, "image" = video -> eval/<name>/{txt_r1, txt_r5, txt_r10 (video ->
 text), img_r1, ..., img_r10 (text -> video), r_mean} and itc_* (ITC alone); files
-<name>_scores.npz, <name>_rankings.json.
+<name>_rankings.json and, with `save_scores`, <name>_scores.npz.
 """
 from __future__ import annotations
 
@@ -66,13 +66,13 @@ def evaluate_video_retrieval(model, params, data: dict, *, num_frames: int, imag
                              folder_fps: float = 1.0, mesh=None, include_itc: bool = False,
                              log_fn: Callable[[str], Any] = logging.info,
                              fns: dict | None = None, encode_videos: Callable | None = None
-                             ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+                             ) -> engine.RetrievalResult:
   """Video-text retrieval of `data` (`load_video_retrieval_eval`; module docstring).
 
   fns / encode_videos: `engine.make_retrieval_fns(model, mesh)` and
   `video_eval.make_video_encoder(model)` made once by the caller (default: made here).
-  Returns the metrics of `engine.evaluate_retrieval` (txt_r*: video -> text, img_r*: text ->
-  video) and the re-ranked score matrices [N_video, N_txt] and [N_txt, N_video] float32.
+  Returns an `engine.RetrievalResult` as `engine.evaluate_retrieval` does ("image" = video:
+  txt_r*: video -> text, img_r*: text -> video).
   """
   common.check_batch_size(batch_size, mesh)
   params = common.place_params(params, mesh)
@@ -87,13 +87,14 @@ def evaluate_video_retrieval(model, params, data: dict, *, num_frames: int, imag
       params, data["text_ids"], data["text_atts"], batch_size=batch_size, fns=fns, mesh=mesh)
   log_fn(f"video retrieval: encoded {len(data['video_paths'])} videos and "
          f"{len(data['text_ids'])} texts in {time.monotonic() - t0:.1f}s")
-  emb = dict(image_embeds=video_embeds, text_embeds=text_embeds, text_atts=text_atts,
-             sims=fns["similarities"](video_feat, text_feat))
-  metrics, scores_v2t, scores_t2v = engine.rerank_and_score(
+  emb = dict(image_embeds=video_embeds, image_feat=video_feat, text_embeds=text_embeds,
+             text_feat=text_feat, text_atts=text_atts)
+  result = engine.rerank_and_score(
       params, emb, data["img2txt"], data["txt2img"], k_test=k_test, batch_size=batch_size,
       fns=fns, mesh=mesh, include_itc=include_itc, log_fn=log_fn)
-  log_fn(f"video retrieval: done in {time.monotonic() - t0:.1f}s, r_mean {metrics['r_mean']:.2f}")
-  return metrics, scores_v2t, scores_t2v
+  log_fn(f"video retrieval: done in {time.monotonic() - t0:.1f}s, "
+         f"r_mean {result.metrics['r_mean']:.2f}")
+  return result
 
 
 class VideoRetrievalEvaluator(common.Evaluator):
@@ -108,6 +109,9 @@ class VideoRetrievalEvaluator(common.Evaluator):
         file="",  # {"video", "caption": [..]} records (MSR-VTT 1k-A)
         video_root="",  # relative video paths are joined to this
         k_test=128,  # ITM re-ranking depth per row
+        embed_dtype="float32",  # storage of the embeddings the re-ranking reads (or bfloat16)
+        save_scores=False,  # also write the full score matrices (<name>_scores.npz)
+        scores_dtype="float32",  # ... as float32 or float16
     ))
     return cfg
 
@@ -122,19 +126,20 @@ class VideoRetrievalEvaluator(common.Evaluator):
         cfg.file, cfg.video_root, text_lib.load_tokenizer(d.vocab_path), d.max_tokens,
         max_words=d.max_words, video_key=section.video_key)
     eval_data.check_files_exist(self.data["video_paths"], self.data["where"])
-    self.fns = engine.make_retrieval_fns(model, mesh)
+    self.fns = engine.make_retrieval_fns(model, mesh, cfg.embed_dtype)
     self.encode_videos = video_eval.make_video_encoder(model)
 
   def run(self, params, step=0, *, predictions_dir=None):
     s = self.section
-    metrics, scores_v2t, scores_t2v = evaluate_video_retrieval(
+    result = evaluate_video_retrieval(
         self.model, params, self.data, num_frames=s.num_frames,
         image_res=self.config.model.image_res, k_test=self.cfg.k_test,
         batch_size=self.batch_size, sampling=video_lib.eval_sampling(s.sampling),
         folder_fps=s.frame_folder_fps, mesh=self.mesh, include_itc=True, log_fn=self.log,
         fns=self.fns, encode_videos=self.encode_videos)
-    engine.write_outputs(predictions_dir, self.name, scores_v2t, scores_t2v)
-    return {self.metric_name(k): v for k, v in metrics.items()}
+    engine.write_outputs(predictions_dir, self.name, result, save_scores=self.cfg.save_scores,
+                         scores_dtype=self.cfg.scores_dtype)
+    return {self.metric_name(k): v for k, v in result.metrics.items()}
 
 
 # ------------------------------------------------------------------------------ the task
