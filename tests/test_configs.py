@@ -99,3 +99,24 @@ def test_task_and_evaluator_mistakes_fail_before_anything_compiles(tmp_path):
   config.evals.val.type = "retreival"
   with pytest.raises(KeyError, match="no evaluator type 'retreival'"):
     tasks.validate(config, training=True)
+
+
+def test_an_evaluation_file_that_matches_nothing_or_is_empty_fails_naming_the_entry(tmp_path):
+  from x2vlm_jax.data import demo as demo_data
+  from x2vlm_jax.models import x2vlm
+
+  paths = demo_data.make_demo_data(str(tmp_path / "d"), num_train=2, num_val=2, image_size=48)
+  config = load_config("configs/tiny.py")
+  config.unlock()
+  config.data.vocab_path = paths["vocab"]
+  model = x2vlm.build_model(config.model)
+  config.evals.val = common.evaluator("grounding", files=(str(tmp_path / "missing_*.jsonl"),))
+  with pytest.raises(FileNotFoundError, match=r"config.evals.val \(grounding\): .*matches no file"):
+    tasks.make_evaluators(config, model)
+  (tmp_path / "empty.jsonl").write_text("")
+  config.evals.val = common.evaluator("retrieval", file=str(tmp_path / "empty.jsonl"))
+  with pytest.raises(ValueError, match=r"config.evals.val \(retrieval\): .*empty.jsonl.*no records"):
+    tasks.make_evaluators(config, model)
+  config.evals.val = common.evaluator("grounding", files=())
+  with pytest.raises(ValueError, match=r"config.evals.val.files is empty"):
+    tasks.make_evaluators(config, model)

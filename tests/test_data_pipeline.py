@@ -294,3 +294,18 @@ def test_iter_eval_images_pads_the_last_batch(demo_dir):
   np.testing.assert_array_equal(batches[1][1], [True, False, False])
   np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:4], full)
   assert (batches[1][0][1:] == 0).all()
+
+
+def test_eval_images_decode_a_shared_image_once_per_batch(demo_dir, monkeypatch):
+  recs = [json.loads(l) for l in open(demo_dir["val_retrieval"])]
+  paths = [f"{demo_dir['image_root']}/{recs[i]['image']}" for i in (0, 0, 1, 0, 1, 2)]
+  calls = []
+  load = eval_data._load_test_image  # pylint: disable=protected-access
+  monkeypatch.setattr(eval_data, "_load_test_image", lambda *a: calls.append(a[0]) or load(*a))
+  images = eval_data.EvalImages(paths, [f"q:{i}" for i in range(6)], R)
+  batch = images[0:5]
+  assert sorted(calls) == sorted({paths[0], paths[2]})  # rows 0-4 read two distinct images
+  np.testing.assert_array_equal(batch[0], batch[3])
+  full, _ = eval_data.load_eval_images(paths, R)
+  np.testing.assert_array_equal(np.concatenate([batch, images[5:6]]), full)
+  assert not images.bad_mask().any()

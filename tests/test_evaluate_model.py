@@ -273,3 +273,64 @@ def test_end_to_end_from_files(tiny_model, tmp_path):
   assert ((s_i2t != -100).sum(1) == 2).all() and ((s_t2i != -100).sum(1) == 2).all()
   assert set(metrics) >= {"txt_r1", "img_r1", "r_mean"}
   assert all(0.0 <= v <= 100.0 for v in metrics.values())
+
+
+def test_unreadable_images_are_named_counted_and_scored_as_misses(tiny_model, tmp_path, caplog):
+  """An image that cannot be decoded does not stop the evaluation: a warning names its record,
+  its rows (and the rows of its captions / expressions) count as misses in every denominator."""
+  model, params = tiny_model
+  (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                 "a", "red", "circle"]) + "\n")
+  rng = np.random.default_rng(3)
+  with open(tmp_path / "test.jsonl", "w") as f:
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+      f.write(json.dumps({"image": f"{i}.png", "caption": ["a red circle", "a circle"]}) + "\n")
+  (tmp_path / "1.png").write_bytes(b"not a png")  # exists (so the evaluator builds) but is broken
+  data = retrieval_task.load_retrieval_eval(str(tmp_path / "test.jsonl"), str(tmp_path), 32,
+                                            str(tmp_path / "vocab.txt"), L)
+  with caplog.at_level("WARNING"):
+    metrics = retrieval.evaluate_retrieval(model, params, data, k_test=6, batch_size=BATCH,
+                                           include_itc=True).metrics
+  assert any("test.jsonl:2" in r.getMessage() and "1.png" in r.getMessage()
+             for r in caplog.records)
+  assert metrics["bad_images"] == 1.0
+  # 6 texts, all within the top 10: every row is a hit but the broken image's row (TR) and its
+  # two captions' rows (IR).
+  assert metrics["txt_r10"] == pytest.approx(200 / 3) and metrics["img_r10"] == pytest.approx(
+      400 / 6)
+  assert metrics["itc_txt_r10"] == pytest.approx(200 / 3)
+
+  with open(tmp_path / "ground.jsonl", "w") as f:
+    for i in range(3):
+      f.write(json.dumps({"image": f"{i}.png", "text": "a red circle", "bbox": [0, 0, 30, 20]})
+              + "\n")
+  boxes = grounding.load_grounding_eval(str(tmp_path / "ground.jsonl"), str(tmp_path), 32,
+                                        str(tmp_path / "vocab.txt"), L)
+  metrics, pred = grounding.evaluate_grounding(model, params, boxes, batch_size=2,
+                                               threshold=1e-6)
+  assert metrics["bad_images"] == 1.0 and len(pred) == 3
+  assert metrics["grounding_acc"] == pytest.approx(200 / 3)  # any overlap: all but the broken one
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1)])
+def test_sharded_params_on_the_mesh_give_the_single_device_scores(tiny_model, retrieval_data,
+                                                                  retrieval_run, shape):
+  """Evaluation on the trainer's mesh with the parameters as training shards them (FSDP over 4
+  devices in the second case: no gather to one device) scores as one device does."""
+  from configs import tiny as tiny_config
+  from x2vlm_jax import cli, tasks
+
+  model, params = tiny_model
+  config = tiny_config.get_config()
+  config.unlock()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+  mesh = sharding.make_mesh(config.mesh)
+  placed = cli.place_params(config, tasks.build_model(config), params, mesh)
+  kernel = placed["vision"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  sharded = kernel.sharding.shard_shape(kernel.shape) != kernel.shape
+  assert sharded == (shape[1] > 1)
+  s_i2t, s_t2i = retrieval.evaluate_retrieval(model, placed, retrieval_data, k_test=K,
+                                              batch_size=8, mesh=mesh).dense()
+  np.testing.assert_allclose(s_i2t, retrieval_run[1], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(s_t2i, retrieval_run[2], atol=1e-5, rtol=1e-5)

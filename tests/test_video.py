@@ -578,6 +578,11 @@ def test_evaluation_names_the_unreadable_video(task_data, tmp_path):
                                                    12)
   with pytest.raises(video_examples.BadDataError, match=f"{path}:2: video not found: .*nothing"):
     video_examples.load_eval_clips(data["video_paths"], data["where"], num_frames=3, image_res=32)
+  # What the evaluators do: name it, keep going, score its rows as misses.
+  bad = set()
+  clips = video_examples.load_eval_clips(data["video_paths"], data["where"], num_frames=3,
+                                         image_res=32, bad=bad, offset=10)
+  assert bad == {11} and not clips[1].any() and clips[0].any()
   # An evaluator is refused when it is built, before anything compiles.
   config = _task_config(task_data)
   config.evals.video_retrieval.file = str(path)

@@ -29,6 +29,17 @@ def load_for_eval(config, checkpoint: str):
   return model, params, step
 
 
+def place_params(config, model, params, mesh):
+  """Host params -> the device shardings training gives them on `mesh` (FSDP / tensor axes by
+  the config's logical-axis rules): evaluation never holds a full copy per device it need not."""
+  from x2vlm_jax import sharding
+  from x2vlm_jax.models import x2vlm
+
+  abstract = sharding.abstract_with_shardings(x2vlm.abstract_variables(model)["params"], mesh,
+                                              sharding.logical_rules(config))
+  return jax.device_put(params, sharding.tree_shardings(abstract))
+
+
 def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict:
   """`--mode eval`: every evaluator of `config.evals` on `checkpoint` (default: `workdir`'s latest
   checkpoint); metrics to `workdir/metrics.jsonl` (at the checkpoint's step) and stdout,
@@ -41,6 +52,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict:
     raise ValueError("config.evals is empty: nothing to evaluate (add evaluators to the config)")
   model, params, step = load_for_eval(config, checkpoint or workdir)
   mesh = sharding.make_mesh(config.mesh)
+  params = place_params(config, model, params, mesh)
   evaluators = tasks.make_evaluators(config, model, mesh)
   results = common.run_all(evaluators, params, step, predictions_dir=workdir)
   with metrics_lib.MetricWriter(workdir, is_chief=jax.process_index() == 0) as writer:

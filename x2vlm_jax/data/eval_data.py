@@ -14,6 +14,7 @@ any unusable record raises BadDataError naming file:line (evaluation data must b
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 from typing import Iterator, Sequence
 
@@ -92,14 +93,20 @@ def check_files_exist(paths: Sequence[str], where: Sequence[str]) -> None:
 
 class EvalImages:
   """The test-transformed images of `paths`, decoded when sliced: `images[a:b]` -> [b - a, R, R, 3]
-  f32 (a batch at a time, so a split of any size never sits in host memory). The original (W, H)
-  of every image decoded so far is kept in `sizes` [N, 2] (0 before)."""
+  f32 (a batch at a time, so a split of any size never sits in host memory; an image that several
+  rows of one batch share, as the questions asked about one image, is decoded once). The original
+  (W, H) of every image decoded so far is kept in `sizes` [N, 2] (0 before).
+
+  An image that cannot be decoded does not stop the evaluation: a warning names its record and
+  the reason, its rows get a zero image, and its index goes to `bad`, so that the evaluators score
+  those rows as misses (they stay in every denominator)."""
 
   def __init__(self, paths: Sequence[str], where: Sequence[str], image_res: int, *,
                exif_transpose: bool = True, num_threads: int = 4):
     self.paths, self.where = list(paths), list(where)
     self.image_res, self.exif_transpose, self.num_threads = image_res, exif_transpose, num_threads
     self.sizes = np.zeros((len(self.paths), 2), np.int32)
+    self.bad: set[int] = set()
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -108,12 +115,34 @@ class EvalImages:
     if not isinstance(index, slice):
       raise TypeError("EvalImages is read in slices (batches)")
     start, stop, _ = index.indices(len(self.paths))
-    images, sizes = load_eval_images(self.paths[start:stop], self.image_res,
-                                     where=self.where[start:stop],
-                                     exif_transpose=self.exif_transpose,
-                                     num_threads=self.num_threads)
-    self.sizes[start:stop] = sizes
+    first_row = {}  # path -> the first row of this slice that reads it
+    for row in range(start, stop):
+      first_row.setdefault(self.paths[row], row)
+    decoded = {}
+
+    def load(path):
+      try:
+        decoded[path] = _load_test_image(path, self.image_res, self.exif_transpose)
+      except image_ops.ImageDecodeError as e:
+        logging.warning("Unreadable evaluation image %s (%s): %s; its rows count as misses",
+                        self.where[first_row[path]], path, e)
+
+    with concurrent.futures.ThreadPoolExecutor(max(self.num_threads, 1)) as pool:
+      list(pool.map(load, first_row))
+    images = np.zeros((stop - start, self.image_res, self.image_res, 3), np.float32)
+    for row in range(start, stop):
+      path = self.paths[row]
+      if path in decoded:
+        images[row - start], self.sizes[row] = decoded[path]
+      else:
+        self.bad.add(row)
     return images
+
+  def bad_mask(self) -> np.ndarray:
+    """[N] bool: the rows whose image could not be decoded (so far)."""
+    mask = np.zeros(len(self.paths), bool)
+    mask[sorted(self.bad)] = True
+    return mask
 
 
 def iter_eval_images(

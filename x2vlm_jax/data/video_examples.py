@@ -28,6 +28,7 @@ Any unusable evaluation record or video raises BadDataError naming it.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import types
 from typing import Sequence
 
@@ -141,9 +142,12 @@ def video_paths(recs: Sequence[tuple[str, dict]], video_key: str, video_root: st
 
 def load_eval_clips(paths: Sequence[str], where: Sequence[str], *, num_frames: int,
                     image_res: int, sampling: str = "uniform", folder_fps: float = 1.0,
-                    num_threads: int = 4) -> np.ndarray:
+                    num_threads: int = 4, bad: set[int] | None = None,
+                    offset: int = 0) -> np.ndarray:
   """[N, F, R, R, 3] f32: each video's deterministic frames (`sampling`: uniform or fps) through
-  the test transform. A video that cannot be read raises BadDataError naming its record."""
+  the test transform. A video that cannot be read raises BadDataError naming its record; with a
+  `bad` set, it is named in a warning instead, its clip left at zeros and its index (+ `offset`)
+  added to `bad`, for the evaluators to score its rows as misses."""
   if sampling == "random_segment":
     raise ValueError("evaluation sampling must be deterministic (uniform or fps)")
   out = np.zeros((len(paths), num_frames, image_res, image_res, 3), np.float32)
@@ -152,7 +156,12 @@ def load_eval_clips(paths: Sequence[str], where: Sequence[str], *, num_frames: i
     try:
       clip = video_lib.read_clip(paths[k], num_frames, sampling, folder_fps=folder_fps)
     except video_lib.VideoDecodeError as e:
-      raise BadDataError(f"{where[k]}: {e}") from e
+      if bad is None:
+        raise BadDataError(f"{where[k]}: {e}") from e
+      logging.warning("Unreadable evaluation video %s (%s): %s; its rows count as misses",
+                      where[k], paths[k], e)
+      bad.add(offset + k)
+      return
     out[k] = video_lib.eval_transform(clip, image_res)
 
   with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:

@@ -36,6 +36,7 @@ The engine of the image, multilingual and video retrieval evaluators (`tasks/ret
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -168,6 +169,11 @@ def encode_texts(params, text_ids: Any, text_atts: Any, *, batch_size: int, fns:
   return text_embeds, text_feat[:len(text_ids)], atts
 
 
+def bad_mask(images: Any) -> np.ndarray | None:
+  """[N] bool of the images that could not be decoded (`EvalImages.bad_mask`), None for arrays."""
+  return images.bad_mask() if hasattr(images, "bad_mask") else None
+
+
 # --------------------------------------------------------------------------------------------
 # Candidates, re-ranking, metrics.
 
@@ -239,12 +245,24 @@ class RetrievalResult:
                                                 self.num_images, m)}
 
 
+def _count_misses(txt_ranks, img_ranks, bad_images, txt2img):
+  """Rows of unreadable images (and the texts whose image it is) ranked last: misses."""
+  if bad_images is None or not bad_images.any():
+    return txt_ranks, img_ranks
+  miss = np.iinfo(np.int64).max  # beyond every R@k
+  txt_ranks = np.where(bad_images, miss, txt_ranks)
+  gt_bad = np.asarray([bad_images[np.asarray(g).reshape(-1)].any() for g in txt2img])
+  return txt_ranks, np.where(gt_bad, miss, img_ranks)
+
+
 def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_size: int,
                      fns: dict, mesh: Mesh | None = None, include_itc: bool = False,
-                     log_fn: Callable[[str], Any] = logging.info) -> RetrievalResult:
+                     log_fn: Callable[[str], Any] = logging.info,
+                     bad_images: np.ndarray | None = None) -> RetrievalResult:
   """Steps 2-4 of the module docstring on encoded images and texts: `emb` holds image_embeds
   [>= N_img, 1+N, D], image_feat [N_img, E], text_embeds [>= N_txt, L, H], text_feat [N_txt, E],
-  text_atts [N_txt, L] (device arrays)."""
+  text_atts [N_txt, L] (device arrays). `bad_images` [N_img] bool: images that could not be
+  decoded; their rows, and the rows of the texts that describe them, count as misses."""
   n_img, n_txt = len(emb["image_feat"]), len(emb["text_feat"])
   k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
   t0 = time.monotonic()
@@ -265,13 +283,18 @@ def rerank_and_score(params, emb: dict, img2txt, txt2img, *, k_test: int, batch_
 
   scores_i2t, scores_t2i = rerank.rerank(cand_i2t, cand_t2i, score, group_sizes=sizes,
                                          rows_per_call=rows_per_call, log_fn=log_fn)
-  metrics = metrics_lib.metrics_from_ranks(
+  misses = functools.partial(_count_misses, bad_images=bad_images, txt2img=txt2img)
+  metrics = metrics_lib.metrics_from_ranks(*misses(
       metrics_lib.ranks_from_candidates(cand_i2t, scores_i2t, img2txt, n_txt),
-      metrics_lib.ranks_from_candidates(cand_t2i, scores_t2i, txt2img, n_img))
+      metrics_lib.ranks_from_candidates(cand_t2i, scores_t2i, txt2img, n_img)))
+  if bad_images is not None and bad_images.any():
+    metrics["bad_images"] = float(bad_images.sum())
+    log_fn(f"{int(bad_images.sum())} unreadable images: their rows and their texts' count as "
+           "misses")
   if include_itc:
-    itc = metrics_lib.metrics_from_ranks(
+    itc = metrics_lib.metrics_from_ranks(*misses(
         itc_ranks(emb["image_feat"], emb["text_feat"], img2txt, fns=fns, mesh=mesh),
-        itc_ranks(emb["text_feat"], emb["image_feat"], txt2img, fns=fns, mesh=mesh))
+        itc_ranks(emb["text_feat"], emb["image_feat"], txt2img, fns=fns, mesh=mesh)))
     log_fn(f"retrieval R@1: ITC txt {itc['txt_r1']:.2f} img {itc['img_r1']:.2f} | ITM re-ranked "
            f"(k={k_test}) txt {metrics['txt_r1']:.2f} img {metrics['img_r1']:.2f}")
     metrics.update({f"itc_{k}": v for k, v in itc.items()})
@@ -314,7 +337,7 @@ def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: in
              text_feat=text_feat, text_atts=text_atts)
   result = rerank_and_score(params, emb, data["img2txt"], data["txt2img"], k_test=k_test,
                             batch_size=batch_size, fns=fns, mesh=mesh, include_itc=include_itc,
-                            log_fn=log_fn)
+                            log_fn=log_fn, bad_images=bad_mask(data["images"]))
   log_fn(f"done in {time.monotonic() - t0:.1f}s, r_mean {result.metrics['r_mean']:.2f}")
   return result
 
@@ -349,7 +372,8 @@ def evaluate_multilingual_retrieval(
     results[lang] = rerank_and_score(
         params, emb, texts["img2txt"], texts["txt2img"], k_test=k_test, batch_size=batch_size,
         fns=fns, mesh=mesh, include_itc=include_itc,
-        log_fn=lambda line, lang=lang: log_fn(f"[{lang}] {line}"))
+        log_fn=lambda line, lang=lang: log_fn(f"[{lang}] {line}"),
+        bad_images=bad_mask(data["images"]))
     log_fn(f"[{lang}] {len(texts['text_ids'])} texts, r_mean "
            f"{results[lang].metrics['r_mean']:.2f} ({time.monotonic() - t0:.1f}s)")
   return results

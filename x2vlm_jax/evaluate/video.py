@@ -46,11 +46,13 @@ def run_over_videos(fn: Callable[..., Any], params, paths: Sequence[str], where:
                     extra: tuple[np.ndarray, ...] = (), *, batch_size: int, num_frames: int,
                     image_res: int, sampling: str = "uniform", folder_fps: float = 1.0,
                     mesh: Mesh | None = None, name: str = "video",
-                    log_fn: Callable[[str], Any] = logging.info) -> Any:
+                    log_fn: Callable[[str], Any] = logging.info,
+                    bad: set[int] | None = None) -> Any:
   """`fn(params, frames [B, F, R, R, 3], *extra_batches)` over fixed-size batches of the videos
   `paths` (records `where`; the last batch padded by repeating its last row); `extra` arrays
   [N, ...] are batched alongside. Returns the outputs (a pytree of device arrays with leading
-  dim N, padding dropped), concatenated on device."""
+  dim N, padding dropped), concatenated on device. With a `bad` set, an unreadable video is named
+  in a warning and its index added to `bad` (its clip is zeros) instead of failing."""
   common.check_batch_size(batch_size, mesh)
   put = lambda a: common.put_batch(common.pad_rows(a, batch_size), mesh)
   n = len(paths)
@@ -62,7 +64,7 @@ def run_over_videos(fn: Callable[..., Any], params, paths: Sequence[str], where:
     stop = min(n, start + batch_size)
     return video_examples.load_eval_clips(
         paths[start:stop], where[start:stop], num_frames=num_frames, image_res=image_res,
-        sampling=sampling, folder_fps=folder_fps)
+        sampling=sampling, folder_fps=folder_fps, bad=bad, offset=start)
 
   outs, t0 = [], time.monotonic()
   with concurrent.futures.ThreadPoolExecutor(1) as prefetch:

@@ -347,11 +347,15 @@ def evaluate_captioning(model, params, data: dict, tokenizer, *, prompt: Sequenc
                         ) -> tuple[dict, list[dict]]:
   """Captions for `data` (`load_caption_eval` with `image_res`) -> (metrics, predictions):
   predictions in the COCO result format [{"image_id", "caption"}]; metrics {"bleu_1".."bleu_4",
-  "cider"} (x100, `caption_metrics.score_captions`) when the split has references, else {}."""
+  "cider"} (x100, `caption_metrics.score_captions`) when the split has references, else {}.
+  An image that could not be decoded gets the empty caption (a miss that stays in the scores)."""
   captions = generate_captions(model, params, data["images"], tokenizer, prompt,
                                batch_size=batch_size, num_beams=num_beams, max_length=max_length,
                                min_length=min_length, length_penalty=length_penalty, mesh=mesh,
                                fn=fn)
+  bad = data["images"].bad_mask() if hasattr(data["images"], "bad_mask") else None
+  if bad is not None:
+    captions = ["" if bad[n] else c for n, c in enumerate(captions)]
   predictions = [{"image_id": i, "caption": c} for i, c in zip(data["image_ids"], captions)]
   metrics = {}
   if data["references"] is not None:

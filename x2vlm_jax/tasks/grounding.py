@@ -149,8 +149,12 @@ def evaluate_grounding(model, params, data: dict, *, batch_size: int, plus_one: 
   sizes = data["image_size"] if "image_size" in data else images.sizes
   pred = boxes.cxcywh_norm_to_xywh_pixels(predicted, sizes)
   iou = boxes.box_iou_xywh(pred, data["bbox_xywh"], plus_one=plus_one)
+  bad = images.bad_mask() if hasattr(images, "bad_mask") else np.zeros(len(iou), bool)
+  iou = np.where(bad, 0.0, iou)  # an unreadable image's expressions are misses
   metrics = {"grounding_acc": float(100.0 * np.mean(iou >= threshold)),
              "grounding_miou": float(100.0 * np.mean(iou))}
+  if bad.any():
+    metrics["bad_images"] = float(bad.sum())
   log_fn(f"{len(pred)} records in {time.monotonic() - t0:.1f}s, Acc@{threshold} "
          f"{metrics['grounding_acc']:.2f}, mIoU {metrics['grounding_miou']:.2f}")
   return metrics, pred
@@ -199,6 +203,8 @@ class GroundingEvaluator(common.Evaluator):
           log_fn=lambda line, split=split: self.log(f"{split}: {line}"))
       results[self.metric_name(split, "acc")] = metrics["grounding_acc"]
       results[self.metric_name(split, "miou")] = metrics["grounding_miou"]
+      if "bad_images" in metrics:
+        results[self.metric_name(split, "bad_images")] = metrics["bad_images"]
       if predictions_dir:
         os.makedirs(predictions_dir, exist_ok=True)
         write_predictions(os.path.join(predictions_dir, f"{self.name}_{split}.jsonl"), path, pred)

@@ -181,7 +181,8 @@ class NlvrEvaluator(common.Evaluator):
           (data["images0"], data["images1"], data["text_ids"], data["text_atts"]),
           self.batch_size, self.mesh, name=f"eval/{self.name}/{split}", log_every=50)
       pred = np.asarray(jax.device_get(pred))
-      accuracy = 100.0 * float(np.mean(pred == data["label"]))
+      bad = data["images0"].bad_mask() | data["images1"].bad_mask()  # unreadable: a miss
+      accuracy = 100.0 * float(np.mean((pred == data["label"]) & ~bad))
       results[self.metric_name(split, "acc")] = accuracy
       self.log(f"{split}: {len(pred)} examples in {time.monotonic() - t0:.1f}s, accuracy "
                f"{accuracy:.2f}")

@@ -178,17 +178,19 @@ def evaluate_video_qa(model, params, data: dict, answers: Sequence[str], *, num_
   predictions [{"where", "question", "answer", "prediction"}]. `fn`: `make_video_qa_fn(model)`
   made once by the caller (default: made here)."""
   params = common.place_params(params, mesh)
+  bad: set[int] = set()  # unreadable videos: named in warnings, their questions wrong
   logits = video_eval.run_over_videos(
       fn or make_video_qa_fn(model), params, data["video_paths"], data["where"],
       (data["text_ids"], data["text_atts"]), batch_size=batch_size, num_frames=num_frames,
       image_res=image_res, sampling=sampling, folder_fps=folder_fps, mesh=mesh, name="video QA",
-      log_fn=log_fn)
+      log_fn=log_fn, bad=bad)
   logits = np.asarray(jax.device_get(logits))
   if logits.shape[1] != len(answers):
     raise ValueError(f"the model has {logits.shape[1]} answer logits but the answer list has "
                      f"{len(answers)} answers ({NUM_ANSWERS_FIELD} vs {ANSWER_LIST_FIELD})")
   best = np.argmax(logits, axis=1)
   correct = best == data["answer_label"]  # label -100 (not in the list) never matches
+  correct[sorted(bad)] = False
   predictions = [dict(where=w, question=q, answer=a, prediction=answers[int(k)])
                  for w, q, a, k in zip(data["where"], data["questions"], data["answers"], best)]
   return {"acc": 100.0 * float(np.mean(correct))}, predictions

@@ -79,10 +79,13 @@ def evaluate_video_retrieval(model, params, data: dict, *, num_frames: int, imag
   fns = fns or engine.make_retrieval_fns(model, mesh)
   encode_videos = encode_videos or video_eval.make_video_encoder(model)
   t0 = time.monotonic()
+  bad: set[int] = set()  # unreadable videos: named in warnings, their rows misses
   video_embeds, video_feat = video_eval.run_over_videos(
       encode_videos, params, data["video_paths"], data["where"], batch_size=batch_size,
       num_frames=num_frames, image_res=image_res, sampling=sampling, folder_fps=folder_fps,
-      mesh=mesh, name="video retrieval", log_fn=log_fn)
+      mesh=mesh, name="video retrieval", log_fn=log_fn, bad=bad)
+  bad_mask = np.zeros(len(data["video_paths"]), bool)
+  bad_mask[sorted(bad)] = True
   text_embeds, text_feat, text_atts = engine.encode_texts(
       params, data["text_ids"], data["text_atts"], batch_size=batch_size, fns=fns, mesh=mesh)
   log_fn(f"video retrieval: encoded {len(data['video_paths'])} videos and "
@@ -91,7 +94,7 @@ def evaluate_video_retrieval(model, params, data: dict, *, num_frames: int, imag
              text_feat=text_feat, text_atts=text_atts)
   result = engine.rerank_and_score(
       params, emb, data["img2txt"], data["txt2img"], k_test=k_test, batch_size=batch_size,
-      fns=fns, mesh=mesh, include_itc=include_itc, log_fn=log_fn)
+      fns=fns, mesh=mesh, include_itc=include_itc, log_fn=log_fn, bad_images=bad_mask)
   log_fn(f"video retrieval: done in {time.monotonic() - t0:.1f}s, "
          f"r_mean {result.metrics['r_mean']:.2f}")
   return result

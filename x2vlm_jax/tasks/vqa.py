@@ -134,13 +134,15 @@ def score_answers(data: dict, answers: Sequence[str], best: np.ndarray
                   ) -> tuple[list[dict], float | None]:
   """The chosen answer of each question (`best` [Q]: indices into `answers`) -> (predictions
   [{"question_id", "answer"}] in record order, the official VQA accuracy in percent as the
-  official code prints it (2 decimals), or None without human answers)."""
+  official code prints it (2 decimals), or None without human answers). A question whose image
+  could not be decoded (`EvalImages.bad`) scores 0."""
   predictions = [{"question_id": qid, "answer": answers[int(k)]}
                  for qid, k in zip(data["question_id"], best)]
   if data["answers"] is None:
     return predictions, None
-  accs = [vqa_metrics.question_accuracy(p["answer"], humans)
-          for p, humans in zip(predictions, data["answers"])]
+  bad = data["images"].bad_mask() if hasattr(data["images"], "bad_mask") else None
+  accs = [0.0 if bad is not None and bad[n] else vqa_metrics.question_accuracy(p["answer"], humans)
+          for n, (p, humans) in enumerate(zip(predictions, data["answers"]))]
   return predictions, vqa_metrics.printed_accuracy(accs)
 
 
