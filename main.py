@@ -29,6 +29,10 @@ flags.DEFINE_string("checkpoint", None, "--mode eval: an Orbax params dir or a t
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_string("compilation_cache", None,
+                    "Directory of JAX's persistent compilation cache (a rerun skips compiling: the "
+                    "demo starts in ~11 s instead of ~31 s); default $JAX_COMPILATION_CACHE_DIR, "
+                    "else ~/.cache/x2vlm_jax/jax; '' turns it off.")
 flags.DEFINE_bool("distributed", False, "Multi-process with the flags above taken from the "
                   "cluster's environment (TPU pod slices, SLURM, Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -88,6 +92,13 @@ def main(argv):
   import jax
 
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  cache = FLAGS.compilation_cache
+  if cache is None:
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "x2vlm_jax", "jax")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
   if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
     # Cross-process collectives of the CPU backend (tests, CPU clusters); GPU/TPU use their own.

@@ -1,5 +1,6 @@
 """Checkpointer round trips (sharded, re-sharded), keep-last-N, grain iterators, error messages."""
 
+import logging
 import os
 
 import grain
@@ -76,10 +77,13 @@ def test_interval_and_keep_last_n(tmp_path):
   assert ckpt.all_steps() == [40, 43]
   assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [40, 43]
   np.testing.assert_array_equal(ckpt.restore(40, state)["w"], 40 * np.ones(4))
+  # A step already saved (the last step of a run that is also on the interval) is not rewritten.
+  assert not ckpt.save(43, jax.tree.map(lambda x: 2 * x, state), force=True)
+  np.testing.assert_array_equal(ckpt.restore(43, state)["w"], np.ones(4))
   ckpt.close()
 
 
-def test_data_iterators_resume_at_the_right_element(tmp_path):
+def test_data_iterators_resume_at_the_right_element(tmp_path, caplog):
   image_it, region_it = _iterator(), iter(grain.MapDataset.range(10, 20).to_iter_dataset())
   for _ in range(3):
     next(image_it)
@@ -99,6 +103,15 @@ def test_data_iterators_resume_at_the_right_element(tmp_path):
   with pytest.raises(ValueError, match=r"no data iterator 'video'; saved: \['image', 'region'\]"):
     ckpt.restore(3, state, {"video": _iterator()})
   ckpt.close()
+
+  # A fresh process that declares its iterators reads the step's items without a warning.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    with checkpoint.Checkpointer(tmp_path, data_names=("image", "region")) as resumed:
+      again = _iterator()
+      resumed.restore(3, state, {"image": again})
+  np.testing.assert_array_equal(next(again), want_image[0])
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path):

@@ -104,3 +104,17 @@ def test_train_metrics_average_over_steps():
     assert float(got[name]) == pytest.approx(np.mean([v[name] for v in per_step]))
   with pytest.raises(ValueError, match="distinct identifier names"):
     metrics.make_train_metrics(["loss", "loss"])
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  with metrics.MetricWriter(tmp_path, tensorboard=False) as writer:
+    for step in (1, 2, 3, 4):
+      writer.write_scalars(step, {"loss": float(step)})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')  # a line torn by a kill
+  with metrics.MetricWriter(tmp_path, tensorboard=False) as writer:  # resumed from step 2
+    writer.forget_after(2)
+    for step in (3, 4):
+      writer.write_scalars(step, {"loss": 10.0 * step})
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

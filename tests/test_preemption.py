@@ -109,14 +109,32 @@ def test_sigterm_and_kill_9_resume_with_the_losses_of_an_uninterrupted_run(demo_
     assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
 
 
-def test_preemption_flag_is_set_by_sigterm_and_the_handler_restored():
-  before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_flag_is_set_by_sigterm_or_ctrl_c_and_the_handlers_restored(sig):
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with train_guards.Preemption() as preemption:
     assert not preemption.should_stop(1)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), sig)
     time.sleep(0.01)
     assert preemption.should_stop(2)
-  assert signal.getsignal(signal.SIGTERM) is before
+    if sig == signal.SIGINT:  # a second Ctrl-C does not wait for the step to end
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_exits_cleanly(demo_dir, tmp_path):
+  workdir, log_path = str(tmp_path / "run"), str(tmp_path / "log.txt")
+  run = _start(demo_dir, workdir, log_path)
+  _wait_for_step(run, workdir, 3)
+  run.send_signal(signal.SIGINT)
+  assert run.wait(timeout=120) == 0, open(log_path).read()[-3000:]
+  log = open(log_path).read()
+  stopped_at = max(_losses(workdir))
+  assert max(_committed_steps(workdir)) == stopped_at < TOTAL_STEPS
+  assert f"Stopped at step {stopped_at} (preempted)" in log and "Ctrl-C: saving" in log
+  assert "Traceback" not in log and "KeyboardInterrupt" not in log
 
 
 def test_nonfinite_monitor_counts_in_a_row_and_halts_with_the_batch(tmp_path):

@@ -114,16 +114,24 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, every_steps: int = 1000,
-               async_save: bool = True):
+               async_save: bool = True, data_names: tuple[str, ...] = ()):
     """Args: directory (created if needed); keep: newest checkpoints kept (None = all);
     every_steps: `save` writes only at multiples of it unless forced; async_save: write arrays
-    in a background thread (call `wait` / `close` before reading or exiting)."""
+    in a background thread (call `wait` / `close` before reading or exiting); data_names: the
+    data iterators that will be saved and restored (their handlers registered up front, so that
+    reading a step's metadata knows them)."""
     self.directory = os.path.abspath(os.fspath(directory))
+    self._saved: set[int] = set()  # steps saved through this object (async: maybe not committed)
     # The state item's handler is registered up front so that a fresh process (resuming) can read
     # its metadata before restoring; the data items' handlers come from their args.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
     registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
+    for name in data_names:
+      registry.add(_data_item(name), grain.checkpoint.CheckpointSave,
+                   grain.checkpoint.CheckpointHandler())
+      registry.add(_data_item(name), grain.checkpoint.CheckpointRestore,
+                   grain.checkpoint.CheckpointHandler())
     self._manager = ocp.CheckpointManager(
         self.directory,
         handler_registry=registry,
@@ -133,11 +141,17 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterators: Mapping[str, Any] | None = None,
            force: bool = False) -> bool:
-    """Saves at `step` if it is on the interval (or `force`); returns whether it saved."""
+    """Saves at `step` if it is on the interval (or `force`) and not saved yet; returns whether it
+    saved."""
+    if int(step) in self._saved or int(step) in self.all_steps():
+      return False
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     for name, iterator in (data_iterators or {}).items():
       items[_data_item(name)] = grain.checkpoint.CheckpointSave(iterator)
-    return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    saved = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._saved.add(int(step))
+    return saved
 
   def latest_step(self) -> int | None:
     """Newest finished checkpoint step, or None when the directory has none."""

@@ -65,7 +65,21 @@ class MetricWriter:
       for name, value in values.items():
         self._tb.add_scalar(name, value, global_step=int(step))
       self._tb.flush()
-    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+
+  def forget_after(self, step: int) -> None:
+    """Drops the metrics.jsonl rows of steps after `step`: a run resumed from the checkpoint of
+    `step` logs the later steps again, each once."""
+    if not self.is_chief:
+      return
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    self._jsonl.close()
+    with open(path, encoding="utf-8") as f:
+      lines = [line for line in f if line.endswith("\n")]  # a torn last line is dropped too
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    self._jsonl = open(path, "a", encoding="utf-8")
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """Saves the run configuration (dict or `ConfigDict`) as `config.json` (and in TensorBoard)."""
@@ -121,7 +135,9 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressReporter:
-  """Logs `step 120/2000 | loss 3.412 itc 1.2 | 45.1 ex/s | ETA 00:12:31` every `every_steps`.
+  """Logs `step 120/2000 | loss 3.412 itc 1.2 | 45.1 ex/s | ETA 00:12:31` every `every_steps`
+  (the metrics given; the loop gives the total and per-task losses and the lr, everything else
+  goes to metrics.jsonl / TensorBoard only).
 
   ex/s is measured over the last reporting interval. The ETA uses the mean speed since the
   first report, so the first interval (which includes compilation) does not skew it; until a

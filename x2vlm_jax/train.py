@@ -8,6 +8,7 @@ explicit shardings over the ('data', 'fsdp', 'tensor') mesh.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -205,9 +206,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   evaluators = tasks_lib.make_evaluators(config, trainer.model, trainer.mesh)
   checkpointer = checkpoint.Checkpointer(
       f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, every_steps=tcfg.checkpoint_every_steps,
-      async_save=tcfg.async_checkpoints)
+      async_save=tcfg.async_checkpoints, data_names=tuple(iterators))
   state = trainer.restore_or_init(checkpointer, iterators)
   start = int(jax.device_get(state["step"]))
+  writer.forget_after(start)  # a resumed run logs the steps after its checkpoint again
   examples_per_step = sum(t.texts_per_batch(config)
                           for t in trainer.tasks.values()) * jax.process_count()
   reporter = metrics_lib.ProgressReporter(tcfg.total_steps, examples_per_step,
@@ -230,8 +232,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     while step < tcfg.total_steps:
       local = {name: next(it) for name, it in iterators.items()}
       bad_records += sum(int(b.get("num_bad_records", 0)) for b in local.values())
-      state, step_metrics = trainer.train_step(state, trainer.global_batches(local),
-                                               jax.random.fold_in(base_rng, step))
+      # The first call compiles: the speed and ETA leave it out.
+      with reporter.paused() if step == start else contextlib.nullcontext():
+        state, step_metrics = trainer.train_step(state, trainer.global_batches(local),
+                                                 jax.random.fold_in(base_rng, step))
       step += 1
       try:
         nonfinite.push(step, step_metrics["nonfinite"], local)
@@ -245,7 +249,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         scalars.update({"data/bad_records": bad_records,
                         "skipped_updates": int(jax.device_get(state["skipped"]))})
         writer.write_scalars(step, scalars)
-        reporter(step, scalars)
+        reporter(step, {k: v for k, v in scalars.items() if k == "loss" or k == "lr"
+                        or k.endswith("/loss")})
       if step < tcfg.total_steps and preemption.should_stop(step):
         return stop_early(step, "preempted")
       with reporter.paused():

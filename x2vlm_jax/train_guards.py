@@ -19,7 +19,7 @@ class NonFiniteError(RuntimeError):
 
 
 class Preemption:
-  """Turns SIGTERM into "checkpoint and stop at the next step boundary".
+  """Turns SIGTERM and Ctrl-C (SIGINT) into "checkpoint and stop at the next step boundary".
 
   One process: a SIGTERM handler (installed for the `with` block, the previous one restored after)
   sets a flag. Several processes: JAX's preemption sync point, so that every process stops at the
@@ -29,21 +29,26 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous: dict | None = None
     self._sync_point = jax.process_count() > 1
 
   def __enter__(self) -> "Preemption":
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      self._previous = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in (self._previous or {}).items():
+      signal.signal(sig, handler)
 
   def _on_signal(self, signum, frame) -> None:
     del frame
-    logging.warning("Received signal %d: saving a checkpoint at the end of this step", signum)
+    if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    name = "Ctrl-C" if signum == signal.SIGINT else f"signal {signum}"
+    logging.warning("%s: saving a checkpoint at the end of this step, then stopping (Ctrl-C "
+                    "again stops at once)", name)
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
