@@ -47,3 +47,18 @@ def test_cli_writes_one_panel_per_metric(tmp_path):
   blue = np.argwhere((panel[..., 2] > 150) & (panel[..., 0] < 80))
   left, right = blue[blue[:, 1] < 60], blue[blue[:, 1] > plot_metrics.PANEL_W - 40]
   assert left[:, 0].mean() < right[:, 0].mean()  # rows grow downwards
+
+
+def test_a_fine_tuning_run_plots_its_own_metrics_and_missing_ones_are_listed(tmp_path, capsys):
+  f = tmp_path / "metrics.jsonl"
+  _write(f, [{"step": s, "vqa/loss": 3.0 / s, "lr": 1e-4} for s in range(1, 6)]
+         + [{"step": 5, "eval/vqa/accuracy": 40.0}])
+  out = tmp_path / "curves.png"
+  assert plot_metrics.main(["--metrics", str(f), "--out", str(out), "--columns", "3"]) == 0
+  assert Image.open(out).size == (3 * plot_metrics.PANEL_W, plot_metrics.PANEL_H)  # 3 panels
+  assert plot_metrics.main(["--metrics", str(f), "--out", str(out), "--keys", "regions/itc"]) == 2
+  err = capsys.readouterr().err
+  assert "not in" in err and "regions/itc" in err
+  assert "it has: eval/vqa/accuracy, lr, vqa/loss" in err
+  assert plot_metrics.main(["--metrics", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+  assert "no such file" in capsys.readouterr().err

@@ -3,6 +3,8 @@
   python tools/plot_metrics.py --metrics runs/demo/metrics.jsonl --out docs/demo_losses.png \
       [--keys image_text/itc,regions/bbox_giou,...] [--smooth 3]
 
+Asked for metrics the file lacks, it names them and lists the ones it has.
+
 One panel per metric (the step on x, the value on y, min/max labelled), laid out in a grid.
 Rows of metrics.jsonl without a key (e.g. evaluation rows) are skipped for that key.
 """
@@ -40,6 +42,20 @@ def read_series(path: str, keys) -> dict[str, tuple[np.ndarray, np.ndarray]]:
           series[k].append((int(row["step"]), float(row[k])))
   return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v]))
           for k, v in series.items() if v}
+
+
+def available_metrics(path: str) -> list[str]:
+  """The names of the numeric metrics in metrics.jsonl (any row), sorted; 'step' excluded."""
+  names = set()
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      names.update(k for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool))
+  return sorted(names)
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -87,22 +103,36 @@ def plot(series: dict[str, tuple[np.ndarray, np.ndarray]], out: str, columns: in
   sheet.save(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--metrics", required=True, help="WORKDIR/metrics.jsonl")
   parser.add_argument("--out", required=True, help="PNG to write")
-  parser.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics")
+  parser.add_argument("--keys", default=None,
+                      help="comma-separated metrics (default: the pre-training losses, or every "
+                           "metric of the file when it has none of them)")
   parser.add_argument("--smooth", type=int, default=1, help="moving-average window (points)")
   parser.add_argument("--columns", type=int, default=4)
   args = parser.parse_args(argv)
-  keys = [k for k in args.keys.split(",") if k]
+  if not os.path.isfile(args.metrics):
+    print(f"error: --metrics {args.metrics}: no such file (a run writes WORKDIR/metrics.jsonl)",
+          file=sys.stderr)
+    return 2
+  available = available_metrics(args.metrics)
+  if args.keys is None:
+    keys = [k for k in DEFAULT_KEYS if k in available] or available
+  else:
+    keys = [k for k in args.keys.split(",") if k]
   series = read_series(args.metrics, keys)
   missing = [k for k in keys if k not in series]
   if missing:
-    print(f"not in {args.metrics}: {missing}", file=sys.stderr)
+    print(f"not in {args.metrics}: {', '.join(missing)}; it has: {', '.join(available)}",
+          file=sys.stderr)
+  if not series:
+    print("error: nothing to plot", file=sys.stderr)
+    return 2
   plot(series, args.out, columns=args.columns, smooth=args.smooth)
   print(f"wrote {args.out}: {len(series)} panels")
-
+  return 0
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
