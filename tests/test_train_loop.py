@@ -1,6 +1,8 @@
 """The training loop on real files: exact resume after an interruption, and the CLI end to end."""
 import json
+import logging
 import os
+import re
 
 import pytest
 
@@ -30,14 +32,25 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_interrupted_run_resumes_with_identical_losses(demo_dir, tmp_path):
+def _steps_logged(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_interrupted_run_resumes_with_identical_losses(demo_dir, tmp_path, caplog):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  cli.train(_config(demo_dir), straight)
+  with caplog.at_level(logging.INFO):
+    cli.train(_config(demo_dir), straight)
+  progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert len(progress) == 6  # one line per logged step: the losses, lr, speed and ETA only
+  assert re.fullmatch(r"step 3/6 \| loss \S+ image_text/loss \S+ regions/loss \S+ lr \S+ \| "
+                      r"[\d.]+ ex/s \| ETA \d\d:\d\d:\d\d", progress[2]), progress[2]
   cli.train(_config(demo_dir, max_steps_per_run=3), resumed)  # "preempted" after step 3
   assert sorted(_losses(resumed)) == [1, 2, 3]
   cli.train(_config(demo_dir), resumed)  # picks up the checkpoint of step 3 and its data
   a, b = _losses(straight), _losses(resumed)
   assert sorted(a) == sorted(b) == list(range(1, 7))
+  assert _steps_logged(resumed) == list(range(1, 7))  # each step once, in order
   for step in a:
     assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 

@@ -249,8 +249,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         scalars.update({"data/bad_records": bad_records,
                         "skipped_updates": int(jax.device_get(state["skipped"]))})
         writer.write_scalars(step, scalars)
-        reporter(step, {k: v for k, v in scalars.items() if k == "loss" or k == "lr"
-                        or k.endswith("/loss")})
+        shown = ["loss"] + sorted(k for k in scalars if k.endswith("/loss")) + ["lr"]
+        reporter(step, {k: scalars[k] for k in shown if k in scalars})
       if step < tcfg.total_steps and preemption.should_stop(step):
         return stop_early(step, "preempted")
       with reporter.paused():
