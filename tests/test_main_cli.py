@@ -38,9 +38,12 @@ def test_demo_pretrains_and_evaluates_from_the_command_line(tmp_path):
   assert "step 6/6" in proc.stderr and "ex/s" in proc.stderr and "ETA" in proc.stderr
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
-  # Evaluation mode on the trained workdir reproduces the end-of-training numbers.
+  # The workdir describes itself (config.json + its tokenizer), and evaluation mode with that
+  # saved config (`--config DIR`) reproduces the end-of-training numbers.
+  assert open(os.path.join(workdir, "tokenizer", "vocab.txt")).read() == open(
+      os.path.join(data, "vocab.txt")).read()
   eval_dir = str(tmp_path / "eval")
-  proc = _run("--mode", "eval", "--config", config, "--workdir", eval_dir, "--checkpoint", workdir)
+  proc = _run("--mode", "eval", "--config", workdir, "--workdir", eval_dir, "--checkpoint", workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = [json.loads(line) for line in open(os.path.join(eval_dir, "metrics.jsonl"))][-1]
   assert again["step"] == 6

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from x2vlm_jax import tasks  # noqa: E402
+from x2vlm_jax import errors, saved_config, tasks  # noqa: E402
 from x2vlm_jax.data import examples as examples_lib  # noqa: E402
 from x2vlm_jax.data import records  # noqa: E402
 from x2vlm_jax.data import text as text_lib  # noqa: E402
@@ -43,6 +43,15 @@ def main(argv=None) -> int:
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="a field of config.data.<task>, e.g. --set answer_list=a.json")
   args = parser.parse_args(argv)
+  try:
+    return _validate(args)
+  except errors.REPORTED as e:  # a glob matching nothing, a missing vocab
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _validate(args) -> int:
+  """Checks `args.files` (parsed flags); prints the report; 1 if too many records are bad."""
   logging.getLogger("x2vlm_jax.data.examples").setLevel(logging.ERROR)  # we print our own report
 
   task = tasks.get(args.task)
@@ -53,8 +62,12 @@ def main(argv=None) -> int:
   section.files = list(args.files)
   section["image_root" if "image_root" in section else "video_root"] = args.image_root
   config = common.apply_arg(config, ",".join(f"data.{args.task}.{item}" for item in args.set))
-  processor = task.processor(config, text_lib.load_tokenizer(args.vocab))
-  source = records.make_source(list(args.files))
+  processor = task.processor(config, text_lib.load_tokenizer(
+      saved_config.tokenizer_file(args.vocab, "--vocab")))
+  try:
+    source = records.make_source(list(args.files))
+  except FileNotFoundError as e:
+    raise errors.InputError(f"--files: {e}") from e
   n = len(source) if args.max_records <= 0 else min(args.max_records, len(source))
 
   def check(i):

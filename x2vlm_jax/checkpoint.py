@@ -259,8 +259,13 @@ def _restore_as_numpy(directory: str, stored_tree: Any) -> Any:
     return reader.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def save_params(directory: str | os.PathLike, params: Any, *, overwrite: bool = False) -> None:
-  """Writes a params-only Orbax checkpoint (blocking). `params`: pytree of arrays."""
+def save_params(directory: str | os.PathLike, params: Any, *, config=None,
+                overwrite: bool = False) -> None:
+  """Writes a params-only Orbax checkpoint (blocking). `params`: pytree of arrays; with `config`
+  the directory describes itself: its `config.json` and tokenizer (`saved_config.save`), so
+  `Predictor.load(directory)` and `--checkpoint directory` need nothing else."""
+  from x2vlm_jax import saved_config  # pylint: disable=import-outside-toplevel
+
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it.")
@@ -268,6 +273,8 @@ def save_params(directory: str | os.PathLike, params: Any, *, overwrite: bool = 
   checkpointer.save(directory, params, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
+  if config is not None:
+    saved_config.save(directory, config)
 
 
 def training_checkpoints(directory: str | os.PathLike) -> str | None:

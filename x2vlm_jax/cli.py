@@ -44,12 +44,13 @@ def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict:
   """`--mode eval`: every evaluator of `config.evals` on `checkpoint` (default: `workdir`'s latest
   checkpoint); metrics to `workdir/metrics.jsonl` (at the checkpoint's step) and stdout,
   prediction files to `workdir`."""
-  from x2vlm_jax import metrics as metrics_lib, sharding, tasks
+  from x2vlm_jax import errors, metrics as metrics_lib, sharding, tasks
   from x2vlm_jax.evaluate import common
 
   tasks.validate(config, training=False)
   if not config.evals:
-    raise ValueError("config.evals is empty: nothing to evaluate (add evaluators to the config)")
+    raise errors.InputError("config.evals is empty: nothing to evaluate (add evaluators to the "
+                            "config: docs/tasks.md)")
   model, params, step = load_for_eval(config, checkpoint or workdir)
   mesh = sharding.make_mesh(config.mesh)
   params = place_params(config, model, params, mesh)

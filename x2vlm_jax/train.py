@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Returns the final evaluation metrics (empty if no evaluation is configured or the run stopped
   early: preemption or `config.train.max_steps_per_run`).
   """
-  from x2vlm_jax import checkpoint, metrics as metrics_lib, train_guards
+  from x2vlm_jax import checkpoint, metrics as metrics_lib, saved_config, train_guards
   from x2vlm_jax.evaluate import common as eval_common
 
   tcfg = config.train
@@ -198,7 +198,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   trainer = Trainer.create(config)
   is_chief = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, is_chief=is_chief)
-  writer.write_hparams(config.to_dict())
+  writer.write_hparams(config.to_dict())  # config.json
+  if is_chief:  # the workdir describes itself: its config and tokenizer (saved_config.py)
+    saved_config.save_tokenizer(workdir, config)
   logging.info("Model: %s parameters", f"{x2vlm.count_params(trainer.abstract_state['params']):,}")
   logging.info("%s", sharding.describe_memory(trainer.abstract_state["params"],
                                               trainer.abstract_state["opt_state"], trainer.mesh))

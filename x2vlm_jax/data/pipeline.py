@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from x2vlm_jax import errors
 from x2vlm_jax.data import examples as examples_lib
 from x2vlm_jax.data import records
 
@@ -233,9 +234,12 @@ def make_iterator(processor: Callable, collate: Callable, *, files: Sequence[str
   `config.data` (threads, workers, prefetch, shuffling, the bad-record budget); `what` names the
   files' config field in messages."""
   if not files:
-    raise ValueError(f"{what} is empty: no data files configured")
-  ds = record_dataset(list(files), seed=seed, shard_index=shard_index, shard_count=shard_count,
-                      shuffle=cfg.shuffle, tfds_data_dir=cfg.tfds_data_dir)
+    raise errors.InputError(f"{what} is empty: no data files configured")
+  try:
+    ds = record_dataset(list(files), seed=seed, shard_index=shard_index, shard_count=shard_count,
+                        shuffle=cfg.shuffle, tfds_data_dir=cfg.tfds_data_dir)
+  except FileNotFoundError as e:  # a pattern that matches nothing, a missing file
+    raise errors.InputError(f"{what}: {e}") from e
   ds = ds.random_map(processor)
   threads = max(int(cfg.read_threads), 1)
   num_good = int(examples_per_batch)

@@ -189,35 +189,47 @@ def allow_missing(config) -> tuple[str, ...]:
 def check_tokenizer(config) -> None:
   """The tokenizer's vocabulary must fit the model's embedding table, and its padding id be the
   model's when positions are counted from it (XLM-R)."""
+  from x2vlm_jax import errors, saved_config
   from x2vlm_jax.data import text as text_lib
 
   vocab_path = config.data.vocab_path
   if not vocab_path:
-    raise ValueError("config.data.vocab_path is empty: name the tokenizer's vocab.txt (BERT) or "
-                     "sentencepiece model (XLM-R)")
-  tokenizer = text_lib.load_tokenizer(vocab_path)
+    raise errors.InputError("config.data.vocab_path is empty: name the tokenizer's vocab.txt "
+                            "(BERT) or sentencepiece model (XLM-R)")
+  try:
+    tokenizer = text_lib.load_tokenizer(saved_config.tokenizer_file(vocab_path))
+  except FileNotFoundError as e:
+    raise errors.InputError(str(e)) from e
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"{vocab_path} has {tokenizer.vocab_size} tokens but config.model.vocab_size "
-                     f"is {config.model.vocab_size}")
+    raise errors.InputError(f"{vocab_path} has {tokenizer.vocab_size} tokens but "
+                            f"config.model.vocab_size is {config.model.vocab_size}")
   if config.model.text_position_ids == "roberta" and tokenizer.pad_id != config.model.text_pad_id:
-    raise ValueError(f"{vocab_path} pads with id {tokenizer.pad_id} but config.model.text_pad_id "
-                     f"is {config.model.text_pad_id} (roberta positions)")
+    raise errors.InputError(f"{vocab_path} pads with id {tokenizer.pad_id} but "
+                            f"config.model.text_pad_id is {config.model.text_pad_id} (roberta "
+                            "positions)")
 
 
 def validate(config, *, training: bool) -> None:
   """Every check that can fail before anything compiles: the task names and weights, each
   trained task's own checks, the evaluator types and the tokenizer (the evaluators check their
   files when they are built)."""
-  check_tokenizer(config)
-  if training:
-    for task in training_tasks(config).values():
-      task.validate(config)
-  for name, entry in config.evals.items():
-    if "type" not in entry:
-      raise ValueError(f"config.evals.{name} has no 'type' (one of "
-                       f"{', '.join(evaluator_types())})")
-    _evaluator_task(entry.type)
-  model_changes(config)
+  from x2vlm_jax import errors
+
+  try:
+    check_tokenizer(config)
+    if training:
+      for task in training_tasks(config).values():
+        task.validate(config)
+    for name, entry in config.evals.items():
+      if "type" not in entry:
+        raise ValueError(f"config.evals.{name} has no 'type' (one of "
+                         f"{', '.join(evaluator_types())})")
+      _evaluator_task(entry.type)
+    model_changes(config)
+  except ValueError as e:  # each check names the field: a config mistake, not a bug
+    if isinstance(e, errors.InputError):
+      raise
+    raise errors.InputError(str(e)) from e
 
 
 def make_evaluators(config, model, mesh=None) -> dict[str, Any]:
