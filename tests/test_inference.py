@@ -40,7 +40,7 @@ def env(tmp_path_factory):
   params = jax.device_get(nn.meta.unbox(  # jitted: far quicker than op by op on a CPU
       jax.jit(model.init)(jax.random.PRNGKey(0), *x2vlm.init_inputs(model))["params"]))
   ckpt = str(tmp / "ckpt")
-  checkpoint.save_params(ckpt, params)
+  checkpoint.save_params(ckpt, params, config=config)  # config.json + tokenizer beside them
   tokenizer = text_lib.load_tokenizer(config.data.vocab_path)
   predictor = inference.Predictor(model, params, tokenizer, config.model.image_res,
                                   config.data.max_tokens, max_words=config.data.max_words,
@@ -191,11 +191,11 @@ def test_retrieve_tool_ranks_reranks_and_skips_bad_files(env):
   (folder / "broken.png").write_bytes(b"\x89PNG not really")
   (folder / "notes.txt").write_text("not an image")
   query = "a red circle left of a blue square"
-  proc = _tool("retrieve.py", "--config", env["config_spec"], "--checkpoint", env["ckpt"],
+  proc = _tool("retrieve.py", "--checkpoint", env["ckpt"],  # its saved config
                "--images", str(folder), "--query", query, "--top", "2", "--rerank", "3")
   assert "broken.png" in proc.stderr and "notes.txt" not in proc.stderr
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
-  assert [r["rank"] for r in rows] == [1, 2]
+  assert [(r["query"], r["rank"]) for r in rows] == [(query, 1), (query, 2)]
 
   paths = [str(folder / os.path.basename(p)) for p in env["images"]]  # sorted, readable
   scores = env["predictor"].score(paths, [query])

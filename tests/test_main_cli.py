@@ -38,9 +38,9 @@ def test_demo_pretrains_and_evaluates_from_the_command_line(tmp_path):
   assert "step 6/6" in proc.stderr and "ex/s" in proc.stderr and "ETA" in proc.stderr
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
-  # The workdir describes itself (config.json + its tokenizer), and evaluation mode with that
+  # The workdir describes itself (config.json + a copy of its tokenizer), and evaluation mode with that
   # saved config (`--config DIR`) reproduces the end-of-training numbers.
-  assert open(os.path.join(workdir, "tokenizer", "vocab.txt")).read() == open(
+  assert open(os.path.join(workdir, "assets", "vocab.txt")).read() == open(
       os.path.join(data, "vocab.txt")).read()
   eval_dir = str(tmp_path / "eval")
   proc = _run("--mode", "eval", "--config", workdir, "--workdir", eval_dir, "--checkpoint", workdir)

@@ -1,20 +1,23 @@
-"""Self-describing checkpoints: the config and the tokenizer saved beside the parameters.
+"""Self-describing checkpoints: the config and the files the model needs saved beside its params.
 
 Every training workdir and every params dir (`tools/convert_checkpoint.py`,
 `checkpoint.save_params(..., config=...)`) holds
 
-  DIR/config.json              the whole config (`ConfigDict.to_dict()` as JSON)
-  DIR/tokenizer/<file>         a copy of the tokenizer file (BERT vocab.txt or XLM-R .model)
-  DIR/tokenizer/source.json    {"source": the path it was copied from, "sha256": ...}
+  DIR/config.json          the whole config (`ConfigDict.to_dict()` as JSON)
+  DIR/assets/<file>        a copy of each file that is part of the trained model: the tokenizer
+                           (`config.data.vocab_path`: a BERT vocab.txt or an XLM-R .model) and
+                           each task's `model_files` (the answer list a head answers from, ...)
+  DIR/assets/index.json    {config field: {"file", "source" (the path it was copied from),
+                           "sha256"}}
 
 so `Predictor.load(DIR)`, `--checkpoint DIR` and every tool need nothing else, and
 `--config DIR` or `--config DIR/config.json[:field=value,...]` reruns or evaluates with that
 config.
 
 Paths inside a config (`.py` or `config.json`) are resolved against the current directory,
-with one exception: a saved config's tokenizer is the copy saved beside it (its
-`data.vocab_path` is replaced by that copy's absolute path when it is loaded), so a checkpoint
-works from any directory.
+with one exception: the files a checkpoint carries are used from its copy (each field of the
+index is replaced by the copy's absolute path when the saved config is loaded, and by
+`Predictor.load` whatever config it is given), so a checkpoint works from any directory.
 
 This file is also a config file for `ml_collections.config_flags`: `main.py` turns
 `--config DIR` / `--config FILE.json[:arg]` into `--config <this file>:FILE.json[:arg]`.
@@ -23,14 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 
 import ml_collections
 
 CONFIG_FILE = "config.json"
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_SOURCE = "source.json"
+ASSETS_DIR = "assets"
+ASSETS_INDEX = "index.json"
+TOKENIZER_FIELD = "data.vocab_path"
 # The tokenizer files `data.text.load_tokenizer` looks for inside a directory, in its order.
 _TOKENIZER_FILES = ("vocab.txt", "sentencepiece.bpe.model")
 
@@ -60,42 +65,99 @@ def tokenizer_file(vocab_path: str, what: str = "config.data.vocab_path") -> str
   return path
 
 
+def _get(config, field: str):
+  node = config
+  for key in field.split("."):
+    node = node[key]
+  return node
+
+
+def _set(config, field: str, value) -> None:
+  *parents, last = field.split(".")
+  node = config
+  for key in parents:
+    node = node[key]
+  node[last] = value
+
+
+def model_file_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The config fields naming files that are part of the model: the tokenizer and the
+  `model_files` of every task whose data section the config has (set ones only)."""
+  from x2vlm_jax import tasks  # pylint: disable=import-outside-toplevel
+
+  fields = [TOKENIZER_FIELD] if config.data.get("vocab_path") else []
+  for name in tasks.names():
+    section = config.data.get(name)
+    for key in tasks.get(name).model_files if section is not None else ():
+      if section.get(key):
+        fields.append(f"data.{name}.{key}")
+  return fields
+
+
 def save(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Writes `config.json` and a copy of the config's tokenizer into `directory` (which exists)."""
+  """Writes `config.json` and copies of the model's files (`save_assets`) into `directory`."""
   with open(os.path.join(os.fspath(directory), CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
     f.write("\n")
-  save_tokenizer(directory, config)
+  save_assets(directory, config)
 
 
-def save_tokenizer(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Copies the config's tokenizer file into `directory/tokenizer/` with its source and sha256
-  (nothing when `config.data.vocab_path` is empty)."""
-  vocab_path = config.data.vocab_path
-  if not vocab_path:
-    return
-  source = os.path.abspath(tokenizer_file(vocab_path))
-  tokenizer_dir = os.path.join(os.fspath(directory), TOKENIZER_DIR)
-  os.makedirs(tokenizer_dir, exist_ok=True)
-  target = os.path.join(tokenizer_dir, os.path.basename(source))
-  if os.path.abspath(target) != source:
-    shutil.copyfile(source, target)
-    with open(os.path.join(tokenizer_dir, TOKENIZER_SOURCE), "w", encoding="utf-8") as f:
-      json.dump({"source": source, "sha256": sha256(target)}, f, indent=2)
+def save_assets(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Copies each file of `model_file_fields` into `directory/assets/` with its index entry.
+
+  Raises:
+    FileNotFoundError: a tokenizer that does not exist (naming the field). Another model file
+      that does not exist is left out with a warning (a data section the run does not use).
+  """
+  assets = os.path.join(os.fspath(directory), ASSETS_DIR)
+  index = {}
+  for field in model_file_fields(config):
+    value = _get(config, field)
+    if field == TOKENIZER_FIELD:
+      source, name = tokenizer_file(value), None
+    elif os.path.isfile(value):
+      source, name = value, f"{field[len('data.'):]}{os.path.splitext(value)[1]}"
+    else:
+      logging.warning("Not saved with the checkpoint: config.%s %r is not a file", field, value)
+      continue
+    source = os.path.abspath(source)
+    name = name or os.path.basename(source)
+    os.makedirs(assets, exist_ok=True)
+    target = os.path.join(assets, name)
+    if os.path.abspath(target) != source:
+      shutil.copyfile(source, target)
+    index[field] = {"file": name, "source": source, "sha256": sha256(target)}
+  if index:
+    with open(os.path.join(assets, ASSETS_INDEX), "w", encoding="utf-8") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
       f.write("\n")
 
 
-def saved_tokenizer(directory: str | os.PathLike) -> str | None:
-  """The tokenizer file saved in `directory/tokenizer/` (absolute path), or None."""
-  tokenizer_dir = os.path.join(os.fspath(directory), TOKENIZER_DIR)
-  for name in _TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(tokenizer_dir, name)):
-      return os.path.abspath(os.path.join(tokenizer_dir, name))
-  if os.path.isdir(tokenizer_dir):
-    models = sorted(n for n in os.listdir(tokenizer_dir) if n.endswith((".model", ".txt")))
-    if models:
-      return os.path.abspath(os.path.join(tokenizer_dir, models[0]))
-  return None
+def saved_assets(directory: str | os.PathLike) -> dict[str, str]:
+  """{config field: absolute path of its copy} of the files saved in `directory` (empty if
+  none)."""
+  assets = os.path.abspath(os.path.join(os.fspath(directory), ASSETS_DIR))
+  index_path = os.path.join(assets, ASSETS_INDEX)
+  if not os.path.isfile(index_path):
+    return {}
+  with open(index_path, encoding="utf-8") as f:
+    index = json.load(f)
+  return {field: os.path.join(assets, entry["file"]) for field, entry in index.items()
+          if os.path.isfile(os.path.join(assets, entry["file"]))}
+
+
+def use_assets(config: ml_collections.ConfigDict, directory: str | os.PathLike
+               ) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model-file fields name the copies saved in `directory` (fields the
+  config lacks are skipped)."""
+  config = config.copy_and_resolve_references()
+  for field, path in saved_assets(directory).items():
+    try:
+      _get(config, field)
+    except (KeyError, AttributeError):
+      continue
+    _set(config, field, path)
+  return config
 
 
 def checkpoint_home(source: str | os.PathLike) -> str | None:
@@ -130,9 +192,7 @@ def load_json(path: str | os.PathLike, arg: str | None = None) -> ml_collections
       config = ml_collections.ConfigDict(json.load(f))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"config file {path} is not a saved config.json: {e}") from e
-  tokenizer = saved_tokenizer(os.path.dirname(os.path.abspath(path)))
-  if tokenizer and "data" in config and "vocab_path" in config.data:
-    config.data.vocab_path = tokenizer
+  config = use_assets(config, os.path.dirname(os.path.abspath(path)))
   parsed = common.parse_arg(arg, file=path)
   return common.finish(config, parsed)
 

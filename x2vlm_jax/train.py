@@ -199,8 +199,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   is_chief = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, is_chief=is_chief)
   writer.write_hparams(config.to_dict())  # config.json
-  if is_chief:  # the workdir describes itself: its config and tokenizer (saved_config.py)
-    saved_config.save_tokenizer(workdir, config)
+  if is_chief:  # the workdir describes itself: config.json + tokenizer, answer lists
+    saved_config.save_assets(workdir, config)
   logging.info("Model: %s parameters", f"{x2vlm.count_params(trainer.abstract_state['params']):,}")
   logging.info("%s", sharding.describe_memory(trainer.abstract_state["params"],
                                               trainer.abstract_state["opt_state"], trainer.mesh))

@@ -16,6 +16,7 @@ methods; they never branch on a task's name.
   loss(m, batch, rng, ...)    the objective, on the bound model; {term: scalar}
   loss_terms           the keys `loss` returns (each has a `config.train.loss_weights` entry)
   evaluators           {evaluator type: `evaluate.common.Evaluator` subclass} it brings
+  model_files          fields of its data section naming files a checkpoint must carry
   texts_per_batch, forward_flops, synthetic_batch   examples/s, FLOPs and benchmark batches
   to_global(batch, process_index)   batch-local indices made unique across processes
 """
@@ -39,6 +40,9 @@ class Task:
   new_params: ClassVar[tuple[str, ...]] = ()
   allow_missing: ClassVar[tuple[str, ...]] = ()
   evaluators: ClassVar[Mapping[str, type]] = {}
+  # Fields of `config.data.<name>` naming files that are part of a trained model (an answer list:
+  # the head's outputs are its entries); every checkpoint keeps a copy (saved_config.py).
+  model_files: ClassVar[tuple[str, ...]] = ()
 
   # ----------------------------------------------------------------------------- config
   def config(self) -> ml_collections.ConfigDict:

@@ -248,6 +248,7 @@ class VideoQaTask(base.Task):
   loss_terms = ("video_qa",)
   new_params = (video_retrieval.FRAME_EMBEDDING_PATTERN, rf"^{HEAD}/")
   allow_missing = ("frame_pos_embed", f"{HEAD}/*")
+  model_files = ("answer_list",)
   evaluators = {VideoQaEvaluator.TYPE: VideoQaEvaluator}
 
   def config(self):

@@ -229,6 +229,7 @@ class VqaTask(base.Task):
   new_params = (r"^vqa_head/",)
   allow_missing = ("vqa_head/*",)
   evaluators = {VqaEvaluator.TYPE: VqaEvaluator}
+  model_files = ("answer_list",)
 
   def config(self):
     return data_config.image_section(

@@ -34,7 +34,7 @@ from x2vlm_jax import losses
 from x2vlm_jax.data import config as data_config
 from x2vlm_jax.data import examples, pipeline
 from x2vlm_jax.data import text as text_lib
-from x2vlm_jax.evaluate import common
+from x2vlm_jax.evaluate import common, generation
 from x2vlm_jax.tasks import base, vqa
 
 
@@ -165,6 +165,53 @@ def make_rank_fn(model, answer_ids: np.ndarray, answer_atts: np.ndarray, k: int,
   return jax.jit(predict, **out)
 
 
+# ------------------------------------------------------------------ free-form answers
+def answer_log_probs(m, states: jax.Array, question_atts: jax.Array, ids: jax.Array,
+                     slot: jax.Array, vocab_size: int) -> jax.Array:
+  """Bound-model generation step of the answer decoder: answers `ids [B*G, T]` (`[CLS]` + the
+  tokens so far; row b*G + g reads question b, fused states [B, Lq, H], mask [B, Lq]) -> log-
+  probabilities [B*G, vocab_size] f32 of the token at `slot`, read causally at `slot - 1`."""
+  logits = m.answer_logits(ids, jnp.ones_like(ids), states, question_atts, True)
+  at_prev = jax.lax.dynamic_slice_in_dim(logits, slot - 1, 1, axis=1)[:, 0]
+  return jax.nn.log_softmax(at_prev[:, :vocab_size], axis=-1)
+
+
+def answer_nll(m, images, ids, atts, answer_ids, answer_atts):
+  """Bound model: NLL [B] of each question's answer `[CLS] answer [SEP]` [B, La] under the
+  decoder, teacher-forced (`losses.sequence_nll`)."""
+  states = vqa.question_states(m, dict(image=images, text_ids=ids, text_atts=atts))
+  return losses.sequence_nll(m.answer_logits(answer_ids, answer_atts, states, atts, True),
+                             answer_ids, answer_atts)
+
+
+def make_answer_generator(model, *, num_beams: int, max_length: int, cls_id: int, eos_id: int,
+                          mask_id: int, pad_id: int, vocab_size: int,
+                          greedy: bool | None = None) -> Callable:
+  """jit(params, images [B, R, R, 3], ids [B, L], atts [B, L]) -> free-form answers from the
+  answer decoder: (tokens [B, max_length], steps) from `generation.greedy_search` (default for
+  num_beams = 1) or a `generation.BeamOutput` (`greedy=False`). Decoding starts from [CLS],
+  [SEP] is forbidden as the first token, no repeated trigrams."""
+  greedy = num_beams == 1 if greedy is None else greedy
+  rules = dict(max_length=max_length, min_length=1, eos_id=eos_id, mask_id=mask_id,
+               pad_id=pad_id)
+
+  def fn(params, images, ids, atts):
+    variables = {"params": params}
+    states = model.apply(variables, dict(image=images, text_ids=ids, text_atts=atts),
+                         method=vqa.question_states)
+
+    def log_prob_fn(tokens, slot):
+      return model.apply(variables, states, atts, tokens, slot, vocab_size,
+                         method=answer_log_probs)
+
+    if greedy:
+      return generation.greedy_search(log_prob_fn, [cls_id], images.shape[0], **rules)
+    return generation.beam_search(log_prob_fn, [cls_id], images.shape[0], num_beams=num_beams,
+                                  **rules)
+
+  return jax.jit(fn)
+
+
 class VqaGenerativeEvaluator(vqa.VqaEvaluator):
   """The "vqa" evaluator with the answer chosen by the decoder (module docstring)."""
 
@@ -194,6 +241,7 @@ class VqaGenerativeTask(base.Task):
   loss_terms = ("vqa_answer",)
   new_params = (r"^answer_decoder/",)
   evaluators = {VqaGenerativeEvaluator.TYPE: VqaGenerativeEvaluator}
+  model_files = ("answer_list",)
 
   def config(self):
     return data_config.image_section(
