@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from x2vlm_jax import convert
+from x2vlm_jax import convert, errors
 from x2vlm_jax.models import x2vlm
 from x2vlm_jax.models.vit import relative_position_index
 
@@ -49,11 +49,44 @@ def test_mismatch_lists_missing_unexpected_and_shapes(fixture_state, tiny_model)
   with pytest.raises(convert.ConversionError) as err:
     convert.convert_state_dict(state, _shapes(tiny_model), source="x.th")
   msg = str(err.value)
-  assert "x.th does not match" in msg
+  assert msg.splitlines()[0] == ("checkpoint x.th does not match config.model: 1 missing, "
+                                 "1 unexpected, 1 shape mismatches; the checkpoint implies "
+                                 "model.embed_dim=7 (config: 32)")
   assert "itm_head/dense_1/bias [2]" in msg
   assert "some_new_head.weight [3, 3]" in msg
   assert "text_proj/kernel (from text_proj.weight): expected [64, 32], found [64, 7]" in msg
+  assert msg.count("text_proj/kernel") == 1  # a mis-shaped parameter is not "missing" too
   assert "--allow-missing" in msg
+  assert isinstance(err.value, errors.InputError)
+
+
+def test_implied_model_fields_of_the_fixture(fixture_state, tiny_model):
+  """The sizes of tests/fixtures/pretrain_tiny/manifest.json, read back from the shapes alone,
+  from the torch state dict and from converted params in either layer layout."""
+  expected = dict(patch_size=16, vision_width=64, vision_depth=2, vision_heads=2, image_res=64,
+                  vision_mlp_dim=256, vocab_size=512, text_width=64, max_position=64,
+                  type_vocab_size=2, text_layers=2, fusion_layers=2, text_mlp_dim=128,
+                  embed_dim=32, mlm_head=True)
+  assert convert.implied_model_fields(fixture_state) == expected
+  params, _ = convert.convert_state_dict(fixture_state, _shapes(tiny_model))
+  assert convert.implied_model_fields(params) == expected
+  from x2vlm_jax.models import layer_stack
+  stacked = layer_stack.stack(params, tiny_model.clone(scan_layers=True))
+  assert convert.implied_model_fields(stacked) == expected
+  # Another resolution and no MLM head, given as shapes: 96 px = a 6 x 6 grid, 11 x 11 offsets.
+  shapes = _shapes(tiny_model.clone(image_res=96, mlm_head=False))
+  implied = convert.implied_model_fields(shapes)
+  assert (implied["image_res"], implied["mlm_head"]) == (96, False)
+  assert shapes["vision/blocks_0/attn/relative_position_bias_table"] == (11 * 11 + 3, 2)
+
+
+def test_layers_with_the_same_difference_are_one_line():
+  lines = convert.group_entries([f"vision/blocks_{i}/gamma_1 [64]" for i in (0, 1, 2, 5)]
+                                + ["text/layer_0/x [3] (from text.layer.1)", "temp []"])
+  assert lines == [("vision/blocks_{0-2,5}/gamma_1 [64]", 4),
+                   ("text/layer_0/x [3] (from text.layer.1)", 1), ("temp []", 1)]
+  many = [f"text/layer_{i}/attention/{n} [8]" for i in range(3) for n in "abcdef"]
+  assert convert.condense(many, 4) == ["text/layer_{0-2}/attention/* (18 params)"]
 
 
 def test_conv_stem_model_refuses_a_released_checkpoint(fixture_state, tiny_model):
@@ -62,8 +95,10 @@ def test_conv_stem_model_refuses_a_released_checkpoint(fixture_state, tiny_model
   with pytest.raises(convert.ConversionError) as err:
     convert.convert_state_dict(fixture_state, _shapes(conv_stem), source="x.th")
   msg = str(err.value)
-  assert "vision/stem/conv_0/kernel [3, 3, 3, " in msg and "vision/stem/proj/kernel" in msg
-  assert "vision_encoder.patch_embed.proj.weight" in msg
+  assert msg.startswith("checkpoint x.th does not match config.model: 10 missing, 2 unexpected, "
+                        "0 shape mismatches\n")
+  assert "vision/stem/* (10 params)" in msg
+  assert "vision_encoder.patch_embed.proj.weight [64, 3, 16, 16]" in msg
 
 
 def test_allow_missing_leaves_heads_to_fresh_init(fixture_state, tiny_model):
@@ -79,7 +114,7 @@ def test_buffers_are_verified_not_loaded(fixture_state, tiny_model):
                        ("text_encoder.cls.predictions.decoder.weight", lambda v: v * 2)]:
     state = dict(fixture_state)
     state[key] = corrupt(state[key])
-    with pytest.raises(convert.ConversionError, match="buffer checks failed"):
+    with pytest.raises(convert.ConversionError, match="1 failed buffer checks"):
       convert.convert_state_dict(state, _shapes(tiny_model))
 
 
@@ -167,16 +202,57 @@ def test_convert_tool_writes_orbax_params_and_reports_mismatch(tmp_path, fixture
   tool = _tool()
   ckpt = os.path.join(FIXTURE, "checkpoint.th")
   out = str(tmp_path / "params")
+  vocab = os.path.join(FIXTURE, "vocab.txt")
   assert tool.main(["--checkpoint", ckpt, "--config", f"configs/tiny.py:{FIXTURE_ARG}",
-                    "--output", out]) == 0
+                    "--vocab", vocab, "--output", out]) == 0
+  assert os.path.isfile(os.path.join(out, "config.json"))
   params = checkpoint.load_params(out)
   np.testing.assert_array_equal(params["text"]["layer_3"]["crossattention"]["self"]["key"]["kernel"],
                                 fixture_state["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"].T)
   # The stock tiny config has other widths: the tool fails and lists the differences.
-  assert tool.main(["--checkpoint", ckpt, "--config", "configs/tiny.py",
+  assert tool.main(["--checkpoint", ckpt, "--config", "configs/tiny.py", "--vocab", vocab,
                     "--output", str(tmp_path / "bad")]) == 1
   err = capsys.readouterr().err
-  assert "shape mismatches" in err and "vision/cls_token (from vision_encoder.cls_token)" in err
+  assert err.startswith(f"error: checkpoint {ckpt} does not match config.model: 10 missing, "
+                        "52 unexpected, 91 shape mismatches;")
+  assert "vision/cls_token (from vision_encoder.cls_token)" in err
+  assert not os.path.exists(tmp_path / "bad")
+
+
+def test_loading_a_params_dir_into_another_size_reports_as_the_converter(tmp_path, fixture_state,
+                                                                        tiny_model):
+  """`loading.match_to_model` (a params dir or workdir as --checkpoint / init.checkpoint) gives
+  the same short report, as an InputError."""
+  from x2vlm_jax.configs_loader import load_config
+  from x2vlm_jax.models import loading
+  from x2vlm_jax import tasks
+  params, _ = convert.convert_state_dict(fixture_state, _shapes(tiny_model))
+  small = tasks.build_model(load_config("configs/tiny.py:model.mlm_head=False"))
+  with pytest.raises(loading.CheckpointMismatchError) as err:
+    loading.match_to_model(params, small, where="runs/pre")
+  msg = str(err.value)
+  assert isinstance(err.value, errors.InputError)
+  assert msg.splitlines()[0].startswith(
+      "checkpoint runs/pre does not match config.model: 10 missing, 57 unexpected, 86 shape "
+      "mismatches; the checkpoint implies model.vision_width=64 (config: 32)")
+  assert "model.mlm_head=True (config: False)" in msg.splitlines()[0]
+  assert "bbox_head/dense_0/kernel: expected [32, 64], found [64, 128]" in msg
+  assert "text/layer_{2-3}/* (52 params)" in msg and "text/mlm_bias [512]" in msg
+  assert "image_res=64 (config: 32; tables are interpolated)" in msg
+  assert "config.init.allow_missing" in msg and "config.init.ignore_unexpected" in msg
+  assert len(msg.splitlines()) == 17
+
+
+def test_loading_names_a_source_that_is_no_checkpoint(tmp_path, tiny_model):
+  from x2vlm_jax.models import loading
+  for source, expected in [
+      (tmp_path / "nope", "no such file or directory; expected a params dir"),
+      (tmp_path, "is neither a params dir (no Orbax _METADATA) nor a training workdir"),
+      (os.path.join(FIXTURE, "checkpoint.th"), "a PyTorch file? convert it first")]:
+    with pytest.raises(errors.InputError) as err:
+      loading.load_params(tiny_model, str(source))
+    assert str(err.value).startswith(f"checkpoint {source}") and expected in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_text_layers_match_a_real_pretrained_bert():

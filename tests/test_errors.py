@@ -103,3 +103,32 @@ def test_x2vlm_command_unknown_and_help():
   assert proc.returncode == 0
   for command in ("train", "eval", "convert", "predict", "embed"):
     assert f"\n  {command} " in proc.stdout
+
+
+def test_checkpoint_of_another_size_is_a_short_report(tmp_path, vocab):
+  """A params dir of a wider model given to a tool whose config is tiny: a summary line first
+  (counts and the fields the checkpoint implies), each differing parameter once, no traceback."""
+  import flax.linen as nn
+  import jax
+  from PIL import Image
+
+  from x2vlm_jax import checkpoint, tasks
+  from x2vlm_jax.configs_loader import load_config
+  from x2vlm_jax.models import x2vlm
+
+  wide = load_config(f"configs/tiny.py:data.vocab_path={vocab},model.vision_width=64,"
+                     "model.vision_heads=4,model.vision_mlp_dim=128")
+  model = tasks.build_model(wide)
+  params = jax.device_get(nn.meta.unbox(
+      model.init(jax.random.PRNGKey(0), *x2vlm.init_inputs(model))["params"]))
+  checkpoint.save_params(tmp_path / "wide", params, config=wide)
+  Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+
+  proc = _run("-m", "x2vlm_jax.command", "predict", "retrieve", "--checkpoint",
+              str(tmp_path / "wide"), "--config", f"configs/tiny.py:data.vocab_path={vocab}",
+              "--image", str(tmp_path / "red.png"), "--query", "a cat")
+  lines = _error_lines(proc)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines[0].startswith("error: checkpoint ") and "does not match config.model" in lines[0]
+  assert "shape mismatches" in lines[0] and "model.vision_width=64 (config: 32)" in lines[0]
+  assert len(lines) <= 25 and len(proc.stderr) < 4000, proc.stderr

@@ -4,11 +4,12 @@ and `x2vlm train|eval` run this program.
   python main.py --config configs/demo.py --workdir runs/demo
   x2vlm train --config configs/demo.py --workdir runs/demo                     # the same
   python main.py --config configs/x2vlm_base.py --workdir runs/base --config.train.total_steps=1000
-  python main.py --mode eval --config configs/demo.py --workdir runs/demo_eval --checkpoint runs/demo
+  python main.py --mode eval --config runs/demo --workdir runs/demo_eval --checkpoint runs/demo
 
 `--config` is an ml_collections config file (`path.py[:arg]`), a saved `config.json[:arg]` or a
 directory holding one (a training workdir, a converted params dir: `saved_config.py`); any field
-can be overridden with `--config.a.b=value`. The config is locked: a misspelt field fails here, before anything compiles.
+can be overridden with `--config.a.b=value`. The config is locked: a misspelt field fails here,
+before anything compiles.
 Multi-process runs call `jax.distributed.initialize` from --coordinator_address /
 --num_processes / --process_id, or with --distributed from the cluster's environment (README,
 "Scaling out"). A user's mistake (`errors.InputError`, a missing file) is one `error: ...` line and

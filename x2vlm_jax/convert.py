@@ -15,7 +15,9 @@ Buffers are checked, not loaded: `relative_position_index` must equal the index 
 the model has its own decoder, `model.mlm_decoder_tied=False`, which then receives it).
 Relative position tables are resized when the checkpoint was trained at another image resolution.
 Any unmatched checkpoint key, missing model parameter or shape mismatch raises `ConversionError`
-with the full list.
+with a short report (`mismatch_report`): one summary line, each differing parameter once (layers
+with the same difference grouped, long lists capped), and the config fields the checkpoint's
+shapes imply (`implied_model_fields`).
 
 torch is imported only inside `load_torch_state_dict` (conversion time), never by training code.
 """
@@ -23,16 +25,19 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from x2vlm_jax import errors
 from x2vlm_jax.models.vit import relative_position_index
 
 
-class ConversionError(ValueError):
-  """The checkpoint does not match the model; the message lists every difference."""
+class ConversionError(errors.InputError):
+  """The file is not a usable checkpoint or does not match the model; the message is the report
+  (command lines print it without a traceback)."""
 
 
 # Kinds of tensors and how each becomes a Flax array.
@@ -201,7 +206,14 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   with XLM-R layouts renamed by `canonical_keys`."""
   import torch  # conversion-time dependency only
 
-  obj = torch.load(path, map_location="cpu", weights_only=False)
+  if not os.path.isfile(path):
+    raise ConversionError(f"checkpoint {path}: no such file")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except  # whatever torch says of a non-torch file
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                          f"{detail})") from e
   if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
     obj = obj["model"]
   elif isinstance(obj, Mapping) and "module" in obj and isinstance(obj["module"], Mapping):
@@ -357,25 +369,246 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target_shapes: Mapping[s
       if grid * grid + 1 != value.shape[0] or not np.array_equal(value, relative_position_index(grid)):
         buffer_errors.append(f"{key}: relative_position_index differs from the BEiT layout")
 
-  missing = sorted(p for p in target_shapes if p not in params)
+  mismatched_paths = {m.split(" ", 1)[0] for m in mismatched}
+  missing = sorted(p for p in target_shapes if p not in params and p not in mismatched_paths)
   allowed = [p for p in missing if any(fnmatch.fnmatchcase(p, pat) for pat in allow_missing)]
   not_allowed = [f"{p} {list(target_shapes[p])}" for p in missing if p not in allowed]
-  problems = []
-  if not_allowed:
-    problems.append("missing from the checkpoint (model parameter, expected shape):\n  "
-                    + "\n  ".join(not_allowed))
-  if unexpected:
-    problems.append("unexpected in the checkpoint (key, shape):\n  " + "\n  ".join(unexpected))
-  if mismatched:
-    problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
-  if buffer_errors:
-    problems.append("buffer checks failed:\n  " + "\n  ".join(buffer_errors))
-  if problems:
-    hint = ("\nUse --allow-missing PATTERN for parameters you intend to train from scratch."
-            if not_allowed else "")
-    raise ConversionError(f"{source} does not match the model config:\n" + "\n".join(problems)
-                          + hint)
+  if not_allowed or unexpected or mismatched or buffer_errors:
+    hints = (["Use --allow-missing PATTERN for parameters you intend to train from scratch."]
+             if not_allowed else [])
+    raise ConversionError(mismatch_report(
+        source, missing=not_allowed, unexpected=unexpected, mismatched=mismatched,
+        buffer_errors=buffer_errors, implied=implied_model_fields(state),
+        configured=implied_model_fields(target_shapes), hints=hints))
   return params, allowed
+
+
+# ------------------------------------------------------------------------- mismatch reports
+_BLOCK_PATH = re.compile(r"vision/blocks_(\d+)/")
+_LAYER_PATH = re.compile(r"(text|answer_decoder)/layer_(\d+)/(.*)")
+# A layer index inside a Flax path or a torch key (`blocks_3`, `layer_3`, `blocks.3`, `layer.3`).
+_INDEX = re.compile(r"(?<=blocks_)\d+|(?<=layer_)\d+|(?<=blocks\.)\d+|(?<=layer\.)\d+")
+MAX_REPORT_LINES = 4  # lines per list of a mismatch report before "... and N more"
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+  """An array's shape, or a shape given as a tuple / list of ints."""
+  if isinstance(value, (tuple, list)):
+    return tuple(int(d) for d in value)
+  return tuple(int(d) for d in np.shape(value))
+
+
+def _placeholder(shape: tuple[int, ...]) -> np.ndarray:
+  """A read-only array of `shape` that allocates nothing (every stride 0): for shape arithmetic."""
+  return np.broadcast_to(np.int8(0), shape)
+
+
+def flax_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """Shapes under the model's flat unrolled names ('vision/blocks_0/attn/qkv/kernel').
+
+  state: a PyTorch state dict (torch names, as `load_torch_state_dict` returns; arrays, tensors or
+    shape tuples) or flat params ('/'-joined names, either layer layout; arrays or shape tuples).
+  Torch keys the name table does not know are left out; an answer decoder's `text_decoder.*`
+  keys land under `answer_decoder/`.
+  """
+  from x2vlm_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
+
+  shapes = {k: _shape(v) for k, v in state.items()}
+  if any("/" in k for k in shapes) or not shapes:
+    if layer_stack.is_stacked(shapes):
+      unstacked = layer_stack.unstack({k: _placeholder(v) for k, v in shapes.items()})
+      shapes = {k: tuple(v.shape) for k, v in unstacked.items()}
+    return shapes
+  out = {}
+  for key, shape in canonical_keys(shapes).items():
+    decoder = key.startswith(_ANSWER_DECODER_KEY)
+    mapped = _map_name("text_encoder." + key[len(_ANSWER_DECODER_KEY):] if decoder else key)
+    if mapped is None or (decoder and not mapped[0].startswith("text/")):
+      continue
+    path = "answer_decoder/" + mapped[0][len("text/"):] if decoder else mapped[0]
+    out[path] = tuple(mapped[1](_placeholder(shape)).shape)
+  return out
+
+
+def implied_model_fields(state: Mapping[str, Any]) -> dict[str, int]:
+  """The `config.model` fields a checkpoint's shapes imply (those it holds the tensors for).
+
+  state: see `flax_shapes` (a torch state dict or flat params, arrays or shapes).
+  Returns a subset of: patch_size, vision_width, vision_depth, vision_heads (the relative position
+  tables' columns), vision_mlp_dim, image_res (from the tables' (2G-1)^2 + 3 rows, G = image_res
+  / patch_size, or an absolute position embedding's length), num_frames, vocab_size, text_width,
+  max_position, type_vocab_size, text_layers (layers without cross-attention), fusion_layers
+  (with it), text_mlp_dim, embed_dim, answer_decoder_layers, mlm_head (a bool). text_heads is not
+  stored in any shape.
+  """
+  shapes = flax_shapes(state)
+  fields: dict[str, int] = {}
+  patch = shapes.get("vision/patch_embed/kernel")  # [p, p, 3, D]
+  if patch:
+    fields["patch_size"], fields["vision_width"] = patch[0], patch[-1]
+  elif shapes.get("vision/cls_token"):
+    fields["vision_width"] = shapes["vision/cls_token"][-1]
+  blocks = {int(m.group(1)) for m in map(_BLOCK_PATH.match, shapes) if m}
+  if blocks:
+    fields["vision_depth"] = max(blocks) + 1
+  table = shapes.get("vision/blocks_0/attn/relative_position_bias_table")  # [(2G-1)^2 + 3, H]
+  if table:
+    fields["vision_heads"] = table[1]
+    side = math.isqrt(max(table[0] - 3, 0))
+    if side * side + 3 == table[0] and side % 2 == 1 and patch:
+      fields["image_res"] = (side + 1) // 2 * patch[0]
+  elif shapes.get("vision/pos_embed") and patch:  # [1, 1 + G^2, D]
+    grid = math.isqrt(shapes["vision/pos_embed"][1] - 1)
+    fields["image_res"] = grid * patch[0]
+  if shapes.get("vision/blocks_0/mlp/fc1/kernel"):
+    fields["vision_mlp_dim"] = shapes["vision/blocks_0/mlp/fc1/kernel"][1]
+  if shapes.get("frame_pos_embed"):  # [F, 1, D]
+    fields["num_frames"] = shapes["frame_pos_embed"][0]
+  words = shapes.get("text/embeddings/word_embeddings/embedding")  # [V, W]
+  if words:
+    fields["vocab_size"], fields["text_width"] = words
+  for name, field in (("position", "max_position"), ("token_type", "type_vocab_size")):
+    if shapes.get(f"text/embeddings/{name}_embeddings/embedding"):
+      fields[field] = shapes[f"text/embeddings/{name}_embeddings/embedding"][0]
+  cross: dict[str, dict[int, bool]] = {"text": {}, "answer_decoder": {}}
+  for m in map(_LAYER_PATH.fullmatch, shapes):
+    if m:
+      layers = cross[m.group(1)]
+      layers[int(m.group(2))] = layers.get(int(m.group(2)), False) or m.group(3).startswith(
+          "crossattention/")
+  if cross["text"]:
+    fields["text_layers"] = sum(not c for c in cross["text"].values())
+    fields["fusion_layers"] = sum(cross["text"].values())
+  if shapes.get("text/layer_0/intermediate/kernel"):
+    fields["text_mlp_dim"] = shapes["text/layer_0/intermediate/kernel"][1]
+  proj = shapes.get("text_proj/kernel") or shapes.get("vision_proj/kernel")
+  if proj:
+    fields["embed_dim"] = proj[1]
+  if cross["answer_decoder"]:
+    fields["answer_decoder_layers"] = len(cross["answer_decoder"])
+  if words:
+    fields["mlm_head"] = any(p.startswith("text/mlm_") for p in shapes)
+  return fields
+
+
+def _index_ranges(indices: Iterable[int]) -> str:
+  """[0, 1, 2, 5] -> '0-2,5'."""
+  runs: list[list[int]] = []
+  for i in sorted(set(indices)):
+    if runs and i == runs[-1][-1] + 1:
+      runs[-1].append(i)
+    else:
+      runs.append([i])
+  return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def group_entries(entries: Sequence[str]) -> list[tuple[str, int]]:
+  """Report lines that differ only in one layer index -> one line with the indices as ranges.
+
+  'vision/blocks_0/gamma_1 [64]', 'vision/blocks_1/gamma_1 [64]' -> ('vision/blocks_{0-1}/gamma_1
+  [64]', 2). An entry whose layer numbers differ from each other stays alone. Returns (line,
+  number of entries it stands for), in the order of each group's first entry.
+  """
+  groups: dict[str, list[int]] = {}
+  for entry in entries:
+    found = {int(m) for m in _INDEX.findall(entry)}
+    if len(found) == 1:
+      groups.setdefault(_INDEX.sub("{}", entry), []).append(found.pop())
+    else:
+      groups.setdefault(entry.replace("{", "{{").replace("}", "}}"), [])
+  lines = []
+  for template, indices in groups.items():
+    if not indices:
+      lines.append((template.replace("{{", "{").replace("}}", "}"), 1))
+    else:
+      label = str(indices[0]) if len(indices) == 1 else "{" + _index_ranges(indices) + "}"
+      lines.append((template.replace("{}", label), len(indices)))
+  return lines
+
+
+def _name_prefix(name: str, depth: int) -> str:
+  """The first `depth` components of a Flax path ('/') or a torch key ('.')."""
+  sep = "/" if "/" in name else "."
+  return sep.join(name.split(sep)[:depth])
+
+
+def condense(entries: Sequence[str], limit: int) -> list[str]:
+  """At most about `limit` lines for `entries` ('name detail...'): layers grouped
+  (`group_entries`); if still too many, names collapsed to their deepest common prefix that
+  leaves at most `limit` groups ('text/layer_1/crossattention/* (10 params)'); else capped
+  with '... and N more'. Every entry is counted in exactly one line."""
+  grouped = group_entries(entries)
+  if len(grouped) <= limit:
+    return [line for line, _ in grouped]
+  names = [line.split(" ", 1)[0] for line, _ in grouped]
+  deepest = max(len(n.replace(".", "/").split("/")) for n in names)
+  for depth in range(deepest - 1, 0, -1):
+    buckets: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+      buckets.setdefault(_name_prefix(name, depth), []).append(i)
+    if len(buckets) <= limit:
+      sep = lambda prefix: "/" if "/" in names[buckets[prefix][0]] else "."  # noqa: E731
+      return [grouped[idx[0]][0] if len(idx) == 1 else
+              f"{prefix}{sep(prefix)}* ({sum(grouped[i][1] for i in idx)} params)"
+              for prefix, idx in buckets.items()]
+  rest = sum(count for _, count in grouped[limit:])
+  return [line for line, _ in grouped[:limit]] + [f"... and {rest} more"]
+
+
+def _listing(title: str, entries: Sequence[str], *, collapse: bool) -> list[str]:
+  """'  title (N):' then the entries' lines: condensed by prefix (`collapse`) or capped."""
+  if not entries:
+    return []
+  if collapse:
+    lines = condense(entries, MAX_REPORT_LINES)
+  else:
+    grouped = group_entries(entries)
+    rest = sum(count for _, count in grouped[MAX_REPORT_LINES:])
+    lines = ([line for line, _ in grouped[:MAX_REPORT_LINES]]
+             + ([f"... and {rest} more"] if rest else []))
+  return [f"  {title} ({len(entries)}):"] + [f"    {line}" for line in lines]
+
+
+def mismatch_report(where: str, *, missing: Sequence[str], unexpected: Sequence[str],
+                    mismatched: Sequence[str], implied: Mapping[str, int],
+                    configured: Mapping[str, int], buffer_errors: Sequence[str] = (),
+                    hints: Sequence[str] = ()) -> str:
+  """The report of a checkpoint that does not fit the model, a dozen lines whatever its size.
+
+  Line 1 counts the differences and names the config fields whose value the checkpoint's shapes
+  contradict (`implied` vs `configured`, both from `implied_model_fields`; a differing image_res
+  is not a problem: tables are interpolated). Then each differing parameter once, in exactly one
+  list (missing / unexpected / shape mismatches), layers with the same difference on one line,
+  then every field the checkpoint implies and the `hints`.
+  Args:
+    where: the checkpoint, as the user named it.
+    missing, unexpected, mismatched, buffer_errors: one line per parameter (or buffer).
+  """
+  differing = {k: v for k, v in implied.items() if k in configured and configured[k] != v}
+  # Fields an :arg can set (image_res differs harmlessly; the answer decoder comes with a task).
+  settable = {k: v for k, v in differing.items() if k not in ("image_res", "answer_decoder_layers")}
+  counts = (f"{len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} shape mismatches"
+            + (f", {len(buffer_errors)} failed buffer checks" if buffer_errors else ""))
+  conflicts = [f"model.{k}={v} (config: {configured[k]})" for k, v in differing.items()
+               if k != "image_res"]
+  lines = [f"checkpoint {where} does not match config.model: {counts}"
+           + (f"; the checkpoint implies {', '.join(conflicts)}" if conflicts else "")]
+  lines += _listing("missing from the checkpoint (model parameter, expected shape)", missing,
+                    collapse=True)
+  lines += _listing("unexpected in the checkpoint (name, shape)", unexpected, collapse=True)
+  lines += _listing("shape mismatches", mismatched, collapse=False)
+  lines += _listing("failed buffer checks", buffer_errors, collapse=False)
+  if implied:
+    described = [f"{k}={v}" + (f" (config: {configured[k]}; tables are interpolated)"
+                                if k == "image_res" and k in differing else "")
+                 for k, v in implied.items()]
+    lines.append("  config.model fields the checkpoint implies: " + ", ".join(described)
+                 + " (text_heads is not stored in the weights)")
+  if settable:
+    overrides = ",".join(f"model.{k}={v}" for k, v in settable.items())
+    lines.append(f"  to convert or load it as it is, add to the config's :arg: {overrides}")
+  return "\n".join(lines + [f"  {hint}" for hint in hints])
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:

@@ -19,20 +19,36 @@ stored arrays are matched to the model by name and shape before anything is plac
     embeddings and MLM head (the reference initialises its `text_decoder` that way);
   * either layer layout (`model.scan_layers`) loads into either: everything above happens in the
     unrolled layout (the names in messages and patterns), the result has the model's.
-Anything else that differs fails with one ValueError listing the missing, unexpected and
-mis-shaped names, and the config fields that would allow them.
+Anything else that differs fails with `CheckpointMismatchError` (an `errors.InputError`: command
+lines print it without a traceback): one summary line, each differing name once (missing,
+unexpected or mis-shaped), the config.model fields the checkpoint's shapes imply
+(`convert.implied_model_fields`) and the config fields that would allow the rest. A `source`
+that does not exist, or is neither a params dir nor a workdir with checkpoints, is an InputError
+naming it.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from x2vlm_jax import errors
 from x2vlm_jax.models import layer_stack, x2vlm
+
+# Files an Orbax params directory holds at its top (`checkpoint.save_params`, older Orbax too).
+_PARAMS_DIR_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+_TORCH_SUFFIXES = (".th", ".pth", ".pt", ".bin", ".tar")
+_EXPECTED = ("a params dir (tools/convert_checkpoint.py, checkpoint.save_params) or a training "
+             "workdir with checkpoints/<step>")
+
+
+class CheckpointMismatchError(errors.InputError):
+  """A stored checkpoint does not fit the model; the message is the whole report."""
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -70,25 +86,23 @@ def match_to_model(stored: dict[str, Any], model: x2vlm.X2VLM, *, where: str,
   dropped = [p for p in stored if p not in target and _matches(p, ignore_unexpected)]
   for p in dropped:
     del stored[p]
+  implied = convert.implied_model_fields(stored)  # before tables are resized to the model's
   for p, want in target.items():
     have = stored.get(p)
     if have is None or tuple(have.shape) == tuple(want.shape):
       continue
-    if convert.is_rel_pos_table(p):
+    if convert.is_rel_pos_table(p) and tuple(have.shape[1:]) == tuple(want.shape[1:]):
       stored[p] = convert.resize_rel_pos_table(np.asarray(have), want.shape[0])
     elif p == "frame_pos_embed" and tuple(have.shape[1:]) == tuple(want.shape[1:]):
       stored[p] = _resize_frames(have, tuple(want.shape))
   missing = [p for p in target if p not in stored]
   not_allowed = [p for p in missing if not _matches(p, allow_missing)]
   unexpected = [p for p in stored if p not in target]
-  mismatched = [f"{p}: expected {list(target[p].shape)}, found {list(stored[p].shape)}"
-                for p in target if p in stored and tuple(stored[p].shape) != tuple(target[p].shape)]
+  mismatched = [p for p in target
+                if p in stored and tuple(stored[p].shape) != tuple(target[p].shape)]
   if not_allowed or unexpected or mismatched:
-    raise ValueError(f"checkpoint {where} does not match config.model:\n"
-                     f"  missing: {not_allowed}\n  unexpected: {unexpected}\n"
-                     f"  shape mismatches: {mismatched}\n"
-                     "(config.init.allow_missing lists patterns that may start fresh, "
-                     "config.init.ignore_unexpected patterns that may be dropped)")
+    raise CheckpointMismatchError(_mismatch_report(where, stored, target, implied, not_allowed,
+                                                   unexpected, mismatched))
   if dropped:
     logging.info("Dropped %d stored params the model does not use: %s", len(dropped), dropped)
   if missing:
@@ -100,12 +114,56 @@ def match_to_model(stored: dict[str, Any], model: x2vlm.X2VLM, *, where: str,
       {p: np.asarray(v, target[p].dtype) for p, v in stored.items()}, model))
 
 
+def _mismatch_report(where: str, stored: dict[str, Any], target: dict[str, Any],
+                     implied: dict[str, int], missing: list[str], unexpected: list[str],
+                     mismatched: list[str]) -> str:
+  """`convert.mismatch_report` for stored arrays vs the model's abstract params (flat names;
+  `implied`: the stored arrays' `convert.implied_model_fields`), with the config fields that let
+  the differences through."""
+  from x2vlm_jax import convert
+
+  allow = (["config.init.allow_missing lists patterns of parameters that may start fresh"]
+           if missing else [])
+  ignore = (["config.init.ignore_unexpected lists patterns of stored parameters that may be "
+             "dropped"]
+            if unexpected else [])
+  hints = ["; ".join(allow + ignore)] if allow or ignore else []
+  return convert.mismatch_report(
+      where, missing=[f"{p} {list(target[p].shape)}" for p in missing],
+      unexpected=[f"{p} {list(np.shape(stored[p]))}" for p in unexpected],
+      mismatched=[f"{p}: expected {list(target[p].shape)}, found {list(np.shape(stored[p]))}"
+                  for p in mismatched],
+      implied=implied,
+      configured=convert.implied_model_fields({p: tuple(v.shape) for p, v in target.items()}),
+      hints=hints)
+
+
+def check_source(source: str) -> None:
+  """Raises InputError (one line naming `source` and what is expected) unless `source` is a
+  params dir, a training workdir with checkpoints, its `checkpoints/` dir or a step dir."""
+  from x2vlm_jax import checkpoint
+
+  path = os.fspath(source)
+  if not os.path.exists(path):
+    raise errors.InputError(f"checkpoint {path}: no such file or directory; expected {_EXPECTED}")
+  if os.path.isfile(path):
+    convert_hint = (f" (a PyTorch file? convert it first: python tools/convert_checkpoint.py "
+                    f"--checkpoint {path} --config SPEC --output DIR)"
+                    if path.endswith(_TORCH_SUFFIXES) else "")
+    raise errors.InputError(f"checkpoint {path} is a file; expected {_EXPECTED}{convert_hint}")
+  if checkpoint.training_checkpoints(path) is None and not any(
+      os.path.exists(os.path.join(path, marker)) for marker in _PARAMS_DIR_MARKERS):
+    raise errors.InputError(f"checkpoint {path} is neither a params dir (no Orbax _METADATA) nor "
+                            f"a training workdir (no checkpoints/<step>); expected {_EXPECTED}")
+
+
 def load_params(model: x2vlm.X2VLM, source: str, *, allow_missing: Sequence[str] = (),
                 ignore_unexpected: Sequence[str] = (), seed: int = 0) -> tuple[dict, int]:
   """(host numpy params of `model`, the checkpoint's step; 0 for a params dir) from `source`
   (module docstring)."""
   from x2vlm_jax import checkpoint, convert
 
+  check_source(source)
   stored, step = checkpoint.load_any_params(source)
   stored = layer_stack.unstack(convert.flatten(stored))
   params = match_to_model(stored, model, where=str(source), allow_missing=allow_missing,
