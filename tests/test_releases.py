@@ -19,18 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pretrain_tiny")
 CHECKPOINT = os.path.join(FIXTURE, "checkpoint.th")
 VOCAB = os.path.join(FIXTURE, "vocab.txt")
-# configs/tiny.py at the fixture's sizes (the numbers of its manifest.json).
-FIXTURE_ARG = ("model.image_res=64,model.vision_width=64,model.vision_mlp_dim=256,"
-               "model.text_width=64,model.text_mlp_dim=128,model.text_layers=2,"
-               "model.fusion_layers=2,model.vocab_size=512,model.max_position=64,"
-               "model.embed_dim=32")
+FIXTURE_CONFIG = "configs/fixture_tiny.py"  # the fixture's sizes (its manifest.json)
 
 
 def _sha256(path):
   return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _table(sha256=None, config=f"configs/tiny.py:{FIXTURE_ARG}"):
+def _table(sha256=None, config=FIXTURE_CONFIG):
   """A release table holding only the fixture (the real table is not touched)."""
   return (releases.Release("tiny_fixture", "pre-training (test fixture)",
                            "file://" + CHECKPOINT, "tests/fixtures", config, 64, "~1 MB",
