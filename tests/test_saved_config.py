@@ -108,3 +108,17 @@ def test_predictor_loads_a_params_dir_alone_from_any_directory(tmp_path, vocab, 
   (tmp_path / "bare").mkdir()
   with pytest.raises(errors.InputError, match="has no config.json"):
     Predictor.load(str(tmp_path / "bare"))
+
+
+def test_a_config_without_tokenizer_takes_its_checkpoints(tmp_path, vocab):
+  (tmp_path / "release").mkdir()
+  saved_config.save(tmp_path / "release", load_config(f"configs/tiny.py:data.vocab_path={vocab}"))
+  bare = load_config("configs/tiny.py")
+  assert bare.data.vocab_path == ""
+  filled = saved_config.with_checkpoint_tokenizer(bare, str(tmp_path / "release"))
+  assert filled.data.vocab_path == str(tmp_path / "release" / "assets" / "vocab.txt")
+  assert bare.data.vocab_path == ""  # a copy
+  own = load_config("configs/tiny.py:data.vocab_path=mine/vocab.txt")
+  assert saved_config.with_checkpoint_tokenizer(own, str(tmp_path / "release")) is own
+  assert saved_config.with_checkpoint_tokenizer(bare, "") is bare
+  assert saved_config.with_checkpoint_tokenizer(bare, str(tmp_path)) is bare  # no config.json

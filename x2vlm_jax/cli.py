@@ -42,11 +42,15 @@ def place_params(config, model, params, mesh):
 
 def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict:
   """`--mode eval`: every evaluator of `config.evals` on `checkpoint` (default: `workdir`'s latest
-  checkpoint); metrics to `workdir/metrics.jsonl` (at the checkpoint's step) and stdout,
-  prediction files to `workdir`."""
-  from x2vlm_jax import errors, metrics as metrics_lib, sharding, tasks
+  checkpoint), with the tokenizer and answer lists the checkpoint carries (saved_config.py);
+  metrics to `workdir/metrics.jsonl` (at the checkpoint's step) and stdout, prediction files to
+  `workdir`."""
+  from x2vlm_jax import errors, metrics as metrics_lib, saved_config, sharding, tasks
   from x2vlm_jax.evaluate import common
 
+  home = saved_config.checkpoint_home(checkpoint or workdir)
+  if home is not None:  # the tokenizer and answer lists the checkpoint was trained with
+    config = saved_config.use_assets(config, home)
   tasks.validate(config, training=False)
   if not config.evals:
     raise errors.InputError("config.evals is empty: nothing to evaluate (add evaluators to the "

@@ -160,6 +160,19 @@ def use_assets(config: ml_collections.ConfigDict, directory: str | os.PathLike
   return config
 
 
+def with_checkpoint_tokenizer(config: ml_collections.ConfigDict, source: str | os.PathLike
+                              ) -> ml_collections.ConfigDict:
+  """`config`, or a copy naming the tokenizer checkpoint `source` carries when the config names
+  none (`data.vocab_path` empty): a converted release or a pre-training run brings its own."""
+  home = None if config.data.vocab_path or not source else checkpoint_home(source)
+  tokenizer = saved_assets(home).get(TOKENIZER_FIELD) if home else None
+  if tokenizer is None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.vocab_path = tokenizer
+  return config
+
+
 def checkpoint_home(source: str | os.PathLike) -> str | None:
   """The directory holding the config of a checkpoint `source`: a params dir or workdir itself,
   the workdir of its `checkpoints/` dir or of a step dir `checkpoints/<step>`; None if none has

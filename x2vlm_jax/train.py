@@ -193,6 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   from x2vlm_jax import checkpoint, metrics as metrics_lib, saved_config, train_guards
   from x2vlm_jax.evaluate import common as eval_common
 
+  config = saved_config.with_checkpoint_tokenizer(config, config.init.checkpoint)
   tcfg = config.train
   tasks_lib.validate(config, training=True)  # everything that can fail before compiling
   trainer = Trainer.create(config)
