@@ -6,13 +6,13 @@ lr 3e-5, weight decay 0.01, 10 epochs with 10% warm-up, max_tokens 40, k_test 25
 566,747 training pairs / 160 = 3,542 steps per epoch -> 35,420 steps.
 
   # a pre-training checkpoint converted at 224 px (its tables are interpolated to 384 on load):
-  python tools/convert_checkpoint.py --checkpoint x2vlm_base_4m.th \
-      --config configs/x2vlm_base.py --output ckpt/x2vlm_base_4m
+  x2vlm convert --release x2vlm_base_4m --from x2vlm_base_4m.th \
+      --vocab bert-base-uncased/vocab.txt --output ckpt/x2vlm_base_4m
   python main.py --config configs/finetune/coco_retrieval.py --workdir runs/coco_ret \
-      --config.init.checkpoint=ckpt/x2vlm_base_4m --config.data.vocab_path=bert/vocab.txt \
+      --config.init.checkpoint=ckpt/x2vlm_base_4m \
       --config.data.retrieval.image_root=/data/coco --config.evals.retrieval.image_root=/data/coco
   python main.py --mode eval --config configs/finetune/coco_retrieval.py \
-      --checkpoint runs/coco_ret --workdir runs/coco_ret_eval --config.data.vocab_path=...
+      --checkpoint runs/coco_ret --workdir runs/coco_ret_eval
 
 Records: train `{"image": relpath, "caption": str, "image_id": ...}`, test
 `{"image": relpath, "caption": [str, ...]}` (JSON lists as the reference ships them, or JSONL).

@@ -6,10 +6,10 @@ lr 3e-5, weight decay 0.01, 10 epochs with 10% warm-up, max_tokens 40, k_test 12
 145,000 training pairs / 160 = 907 steps per epoch -> 9,070 steps.
 
   # a pre-training checkpoint converted at 224 px (its tables are interpolated to 384 on load):
-  python tools/convert_checkpoint.py --checkpoint x2vlm_base_4m.th \
-      --config configs/x2vlm_base.py --output ckpt/x2vlm_base_4m
+  x2vlm convert --release x2vlm_base_4m --from x2vlm_base_4m.th \
+      --vocab bert-base-uncased/vocab.txt --output ckpt/x2vlm_base_4m
   python main.py --config configs/finetune/flickr_retrieval.py --workdir runs/flickr_ret \
-      --config.init.checkpoint=ckpt/x2vlm_base_4m --config.data.vocab_path=bert/vocab.txt \
+      --config.init.checkpoint=ckpt/x2vlm_base_4m \
       --config.data.retrieval.image_root=/data/flickr30k \
       --config.evals.retrieval.image_root=/data/flickr30k
   python main.py --mode eval --config configs/finetune/flickr_retrieval.py \

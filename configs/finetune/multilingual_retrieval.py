@@ -14,11 +14,10 @@ image_res 384, 20 pairs per GPU on 8 GPUs (global batch 160), lr 3e-5, weight de
 
   # the CCLM pre-training checkpoint with its untied MLM head (dropped again when fine-tuning);
   # relative-position tables are interpolated 224 -> 384
-  python tools/convert_checkpoint.py --checkpoint cclm_x2vlm_base.th --output ckpt/cclm_base_384 \
-      --config 'configs/finetune/multilingual_retrieval.py:base,model.mlm_head=True,model.mlm_decoder_tied=False'
+  x2vlm convert --release cclm_x2vlm_base --from cclm_x2vlm_base.th --output ckpt/cclm_base \
+      --vocab xlm-roberta-base/sentencepiece.bpe.model
   python main.py --config configs/finetune/multilingual_retrieval.py --workdir runs/m30k \
-      --config.init.checkpoint=ckpt/cclm_base_384 \
-      --config.data.vocab_path=xlm-roberta-base/sentencepiece.bpe.model \
+      --config.init.checkpoint=ckpt/cclm_base \
       --config.data.retrieval.image_root=/data/flickr30k \
       --config.evals.retrieval.image_root=/data/flickr30k
 
