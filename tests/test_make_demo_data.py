@@ -96,6 +96,39 @@ def test_vocab_covers_every_generated_word(small):
   assert tok.unk_id not in tok.encode("zebra 42")  # unseen words fall back to letter pieces
 
 
+def test_zeroshot_crops_and_winoground_groups(small):
+  """Each zero-shot crop is labelled with its shape's colour and shape (the grounding texts of the
+  same scene name them); each Winoground group is two images whose captions swap the objects or
+  the relation, every word in the vocabulary."""
+  crops = _read(small["val_zeroshot"])
+  classes = open(small["zeroshot_classes"]).read().split("\n")[:-1]
+  assert len(classes) == len(demo.COLOURS) * len(demo.SHAPES) == 18
+  grounding = _read(small["val_grounding"])
+  assert len(crops) == len(grounding) == 24
+  for crop, ref in zip(crops, grounding):
+    assert crop["label"] in classes and ref["text"].endswith(crop["label"])
+    img = Image.open(os.path.join(small["image_root"], crop["image"]))
+    assert min(img.size) >= ref["bbox"][2] and max(img.size) <= 1.5 * ref["bbox"][2] + 1
+  groups = _read(small["winoground"])
+  assert len(groups) == 6 and {g["tag"] for g in groups} == {"Object", "Relation"}
+  tok = text_lib.load_tokenizer(small["vocab"])
+  for g in groups:
+    c0, c1 = g["caption_0"].split(), g["caption_1"].split()
+    if g["tag"] == "Object":
+      assert sorted(c0) == sorted(c1) and c0 != c1
+    else:
+      assert c0[:3] == c1[:3] and c0[-3:] == c1[-3:] and c0 != c1
+    for k in (0, 1):
+      assert tok.unk_id not in tok.encode(g[f"caption_{k}"])
+      path = os.path.join(small["image_root"], "winoground", "images", g[f"image_{k}"] + ".png")
+      assert Image.open(path).size == (64, 64)
+    a = np.asarray(Image.open(os.path.join(small["image_root"], "winoground", "images",
+                                           g["image_0"] + ".png")))
+    b = np.asarray(Image.open(os.path.join(small["image_root"], "winoground", "images",
+                                           g["image_1"] + ".png")))
+    assert (a != b).any() and a.shape == b.shape
+
+
 def test_deterministic_for_a_seed(tmp_path, small):
   again = demo.make_demo_data(str(tmp_path / "a"), num_train=60, num_val=12, image_size=64, seed=3)
   for key in ("train_image_text", "train_regions", "val_retrieval", "val_grounding", "vocab"):

@@ -22,6 +22,12 @@ size in {small, large}. Files under `out_dir`:
   answer_list.json        the 11 answers: colours, shapes, yes, no
   {train,val}_nlvr.jsonl  {"images": [scene 2k, scene 2k+1], "sentence": "the left image has a red
                           circle", "label": true | false}
+  zeroshot_val.jsonl      {"image": "images/zeroshot_val_NNNNNN_K.png", "label": "red circle"}: each
+                          shape of each validation scene cropped (zero-shot classification)
+  zeroshot_classes.txt    the 18 colour-shape classes, one a line
+  winoground/             examples.jsonl + images/ex_G_img_{0,1}.png in Winoground's layout: two
+                          shapes, and the same two with their places swapped; captions that swap
+                          the objects (even groups) or the relation (odd groups)
   vocab.txt               BERT-format WordPiece vocab: [PAD] [UNK] [CLS] [SEP] [MASK], every word
                           the generator emits, a-z / 0-9 and their "##" pieces, punctuation
   README.txt              this description (written last: its presence marks a complete dataset)
@@ -69,6 +75,8 @@ train_regions.jsonl     region records: {{"image", "caption", "elems": [{{"bbox"
 train_grounding.jsonl   grounding fine-tuning format: {{"image", "text", "bbox"}} (one per shape)
 val_retrieval.jsonl     retrieval test format: {{"image", "caption": [captions]}}
 val_grounding.jsonl     grounding test format: {{"image", "text", "bbox"}} (one per shape)
+zeroshot_val.jsonl      zero-shot classification: {{"image": crop of one shape, "label"}}
+winoground/             Winoground-style groups (examples.jsonl, images/)
 vocab.txt               BERT WordPiece vocabulary covering every generated word
 images/                 PNG files (paths in the JSONL files are relative to this directory)
 
@@ -214,6 +222,79 @@ def _nlvr(left: tuple[str, list[dict]], right: tuple[str, list[dict]]) -> list[d
   return rows
 
 
+def _crop(img: Image.Image, bbox: list[int]) -> Image.Image:
+  """The square box [x, y, s, s] with a margin of s / 4 on each side (clipped to the image)."""
+  x, y, s, _ = bbox
+  m = s // 4
+  return img.crop((max(0, x - m), max(0, y - m), min(img.width, x + s + m),
+                   min(img.height, y + s + m)))
+
+
+def _zeroshot_rows(out_dir: str, img: Image.Image, objects: list[dict], scene: int) -> list[dict]:
+  """Each object of a validation scene cropped to its own image, labelled "colour shape"."""
+  rows = []
+  for k, obj in enumerate(objects):
+    rel_path = f"images/zeroshot_val_{scene:06d}_{k}.png"
+    _crop(img, obj["bbox"]).save(os.path.join(out_dir, rel_path), compress_level=1)
+    rows.append({"image": rel_path, "label": f"{obj['colour']} {obj['shape']}"})
+  return rows
+
+
+def _two_object_scene(rng: np.random.Generator, image_size: int, a: tuple[str, str],
+                      b: tuple[str, str], relation: str):
+  """Two same-sized objects a, b placed so that `a relation b` holds, and the same scene with
+  their places swapped: (image, swapped image, side)."""
+  size_name = list(SIZES)[int(rng.integers(0, 2))]
+  side = max(4, int(round(image_size * rng.uniform(*SIZES[size_name]))))
+  while True:
+    boxes = _place(rng, image_size, [side, side])
+    if boxes is None:
+      continue
+    objs = [dict(bbox=[x, y, s, s]) for x, y, s in boxes]
+    if _relation(objs[0], objs[1])[0] == relation:
+      break
+  background = _background(rng, image_size)
+  images = []
+  for first, second in ((a, b), (b, a)):
+    img = background.copy()
+    draw = ImageDraw.Draw(img)
+    for (colour, shape), (x, y, s) in zip((first, second), boxes):
+      _draw(draw, shape, COLOURS[colour], x, y, s)
+    images.append(img)
+  return images[0], images[1], size_name
+
+
+def _winoground_groups(out_dir: str, rng: np.random.Generator, image_size: int,
+                       num_groups: int) -> list[dict]:
+  """Winoground-style groups in its published layout (examples.jsonl + images/<stem>.png): two
+  objects, and the same two with their places swapped. Even groups swap the objects in the
+  caption ("a red circle left of a blue square" / "a blue square left of a red circle"), odd
+  groups the relation ("a red circle above a blue square" / "a red circle below a blue
+  square")."""
+  inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+  combos = [(c, s) for c in COLOURS for s in SHAPES]
+  os.makedirs(os.path.join(out_dir, "winoground", "images"), exist_ok=True)
+  rows = []
+  for g in range(num_groups):
+    i, j = rng.choice(len(combos), size=2, replace=False)
+    a, b = combos[int(i)], combos[int(j)]
+    relation = list(inverse)[int(rng.integers(0, 4))]
+    img0, img1, _ = _two_object_scene(rng, image_size, a, b, relation)
+    name_a, name_b = " ".join(a), " ".join(b)
+    caption_0 = f"a {name_a} {relation} a {name_b}"
+    if g % 2 == 0:
+      caption_1, tag = f"a {name_b} {relation} a {name_a}", "Object"
+    else:
+      caption_1, tag = f"a {name_a} {inverse[relation]} a {name_b}", "Relation"
+    stems = [f"ex_{g}_img_0", f"ex_{g}_img_1"]
+    for stem, img in zip(stems, (img0, img1)):
+      img.save(os.path.join(out_dir, "winoground", "images", f"{stem}.png"), compress_level=1)
+    rows.append({"id": g, "image_0": stems[0], "image_1": stems[1], "caption_0": caption_0,
+                 "caption_1": caption_1, "tag": tag, "secondary_tag": "", "num_main_preds": 1,
+                 "collapsed_tag": tag})
+  return rows
+
+
 def _write_jsonl(path: str, rows: list[dict]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     for r in rows:
@@ -226,7 +307,9 @@ def demo_paths(out_dir: str) -> dict[str, str]:
                val_retrieval="val_retrieval.jsonl",
                val_grounding="val_grounding.jsonl", train_vqa="train_vqa.jsonl",
                val_vqa="val_vqa.jsonl", answer_list="answer_list.json",
-               train_nlvr="train_nlvr.jsonl", val_nlvr="val_nlvr.jsonl", vocab="vocab.txt",
+               train_nlvr="train_nlvr.jsonl", val_nlvr="val_nlvr.jsonl",
+               val_zeroshot="zeroshot_val.jsonl", zeroshot_classes="zeroshot_classes.txt",
+               winoground=os.path.join("winoground", "examples.jsonl"), vocab="vocab.txt",
                readme="README.txt")
   paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
   paths["image_root"] = out_dir
@@ -251,6 +334,7 @@ def make_demo_data(
   image_text, regions, train_grounding, retrieval, grounding = [], [], [], [], []
   vqa = {"train": [], "val": []}
   nlvr = {"train": [], "val": []}
+  zeroshot = []
   for split, n, rng in (("train", num_train, rng_train), ("val", num_val, rng_val)):
     scenes = []
     for i in range(n):
@@ -267,6 +351,7 @@ def make_demo_data(
       else:
         retrieval.append({"image": rel_path, "caption": captions})
         grounding.extend(referring)
+        zeroshot.extend(_zeroshot_rows(out_dir, img, objects, i))
       # VQA and NLVR2 follow from the scenes; they draw nothing from `rng`.
       vqa[split].extend(_vqa(rel_path, objects, first_id=(split == "val") * 10**6 + 10 * i))
       scenes.append((rel_path, objects))
@@ -280,6 +365,13 @@ def make_demo_data(
   for split in ("train", "val"):
     _write_jsonl(paths[f"{split}_vqa"], vqa[split])
     _write_jsonl(paths[f"{split}_nlvr"], nlvr[split])
+  _write_jsonl(paths["val_zeroshot"], zeroshot)
+  with open(paths["zeroshot_classes"], "w", encoding="utf-8") as f:
+    f.write("\n".join(f"{c} {s}" for c in COLOURS for s in SHAPES) + "\n")
+  # Its own generator: the training and validation scenes above do not change.
+  winoground = _winoground_groups(out_dir, np.random.default_rng([seed, 26]), image_size,
+                                  num_val // 2)
+  _write_jsonl(paths["winoground"], winoground)
   with open(paths["answer_list"], "w", encoding="utf-8") as f:
     json.dump(list(COLOURS) + list(SHAPES) + ["yes", "no"], f)
   with open(paths["vocab"], "w", encoding="utf-8") as f:
