@@ -253,14 +253,14 @@ def test_retrieval_eval(demo_dir):
                                      16)
   recs = [json.loads(l) for l in open(demo_dir["val_retrieval"])]
   n_txt = sum(len(r["caption"]) for r in recs)
-  images = out["images"][0:4]  # decoded when sliced (a batch at a time)
+  images = out["images"][0:4]  # decoded when sliced (a batch at a time), resized uint8 pixels
   assert len(out["images"]) == 4
-  assert images.shape == (4, R, R, 3) and images.dtype == np.float32
+  assert images.shape == (4, R, R, 3) and images.dtype == np.uint8
   assert out["text_ids"].shape == (n_txt, 16) and out["text_atts"].shape == (n_txt, 16)
   assert out["txt2img"].dtype == np.int32
   for i, txts in enumerate(out["img2txt"]):
     assert (out["txt2img"][txts] == i).all() and len(txts) == len(recs[i]["caption"])
-  want = image_ops.normalize(image_ops.resize_square(
+  want = np.asarray(image_ops.resize_square(
       Image.open(f"{demo_dir['image_root']}/{recs[1]['image']}").convert("RGB"), R))
   np.testing.assert_array_equal(images[1], want)
   np.testing.assert_array_equal(out["images"][1:2][0], want)
@@ -300,12 +300,23 @@ def test_eval_images_decode_a_shared_image_once_per_batch(demo_dir, monkeypatch)
   recs = [json.loads(l) for l in open(demo_dir["val_retrieval"])]
   paths = [f"{demo_dir['image_root']}/{recs[i]['image']}" for i in (0, 0, 1, 0, 1, 2)]
   calls = []
-  load = eval_data._load_test_image  # pylint: disable=protected-access
-  monkeypatch.setattr(eval_data, "_load_test_image", lambda *a: calls.append(a[0]) or load(*a))
+  decode = eval_data._decode_test_image  # pylint: disable=protected-access
+  monkeypatch.setattr(eval_data, "_decode_test_image", lambda *a: calls.append(a[0]) or decode(*a))
   images = eval_data.EvalImages(paths, [f"q:{i}" for i in range(6)], R)
   batch = images[0:5]
   assert sorted(calls) == sorted({paths[0], paths[2]})  # rows 0-4 read two distinct images
   np.testing.assert_array_equal(batch[0], batch[3])
+  # Rows asked for by batch (as `common.run_batched` asks a process for its rows): rows 5, 0 and
+  # rows 1, 4, 3 read two distinct images each.
+  calls.clear()
+  rows = list(images.load_batches([np.array([5, 0]), np.array([1, 4, 3])]))
+  assert sorted(calls) == sorted([paths[5], paths[0], paths[1], paths[4]])
+  assert images.num_decoded == 2 + 2 + 2
+  np.testing.assert_array_equal(rows[0][1], batch[0])
+  np.testing.assert_array_equal(rows[1][1], batch[4])
+  # uint8 pixels; normalised as the float32 loader does on the host
   full, _ = eval_data.load_eval_images(paths, R)
-  np.testing.assert_array_equal(np.concatenate([batch, images[5:6]]), full)
+  pixels = np.concatenate([batch, images[5:6]])
+  assert pixels.dtype == np.uint8
+  np.testing.assert_array_equal(np.stack([image_ops.normalize(p) for p in pixels]), full)
   assert not images.bad_mask().any()

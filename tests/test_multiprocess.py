@@ -54,3 +54,72 @@ def test_two_processes_match_one_process(tmp_path):
   for name in params[0]:
     np.testing.assert_allclose(np.asarray(params[1][name]), np.asarray(params[0][name]),
                                rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------- evaluation
+EVAL_WORKER = os.path.join(ROOT, "tests", "eval_multiprocess_worker.py")
+N_IMAGES, BROKEN = 7, 5  # batches of 4: rows 0-3 and 4, 5, 6 + row 6 again (padding)
+
+
+def _eval_files(data_dir):
+  """N_IMAGES images of different sizes with two captions each; image BROKEN is not an image."""
+  from PIL import Image
+
+  words = ["a", "red", "blue", "circle", "square", "on", "the"]
+  (data_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                + words) + "\n")
+  rng = np.random.default_rng(0)
+  with open(data_dir / "test.jsonl", "w") as f:
+    for i in range(N_IMAGES):
+      pixels = rng.integers(0, 256, (20 + i, 30 + 2 * i, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(data_dir / f"{i}.png")
+      f.write(json.dumps({"image": f"{i}.png", "caption": [
+          f"a {words[1 + i % 2]} circle", f"the {words[3 + i % 2]} on a {words[1 + i % 3]}"]})
+              + "\n")
+  (data_dir / f"{BROKEN}.png").write_bytes(b"not a png")
+
+
+def _launch_eval(data_dir, out_dir, num_processes, workers):
+  env = xla_env.subprocess_env(4 // num_processes, cache=False)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, EVAL_WORKER, str(data_dir), str(out_dir),
+                             str(num_processes), str(i), str(port), str(workers)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+           for i in range(num_processes)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-4000:]
+  runs = []
+  for i in range(num_processes):
+    with open(out_dir / f"process_{i}.json") as f:
+      runs.append(json.load(f))
+  with np.load(out_dir / "scores.npz") as scores:
+    return runs, [scores[k] for k in sorted(scores.files)], outputs
+
+
+def test_two_processes_each_decode_their_rows_and_evaluate_as_one(tmp_path):
+  """Retrieval over a data=4 mesh split between two processes: each process decodes only the
+  images of the rows its two devices hold (grain worker processes decoding them), the unreadable
+  image one of them found counts as a miss in both, and the metrics and scores are the
+  one-process run's."""
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  _eval_files(data_dir)
+  (one,), one_scores, _ = _launch_eval(data_dir, tmp_path / "one", 1, workers=0)
+  two, two_scores, logs = _launch_eval(data_dir, tmp_path / "two", 2, workers=1)
+  assert one["decoded"] == N_IMAGES
+  # Process 0 holds positions 0, 1 of each batch (rows 0, 1 and 4, 5); process 1 positions 2, 3
+  # (rows 2, 3 and 6, 6: the padding repeats row 6, decoded once).
+  assert [run["decoded"] for run in two] == [4, 3]
+  assert f"{BROKEN}.png" in logs[0] and f"{BROKEN}.png" not in logs[1]  # process 0 decoded it
+  for run in two:
+    assert run["bad"] == one["bad"] == [BROKEN]
+    assert run["sizes"] == one["sizes"]  # every process knows every image's size
+    assert run["metrics"]["bad_images"] == 1.0
+    assert sorted(run["metrics"]) == sorted(one["metrics"])
+    for key, value in one["metrics"].items():
+      assert abs(run["metrics"][key] - value) <= 1e-5, (key, run["metrics"][key], value)
+  assert one["sizes"][0] == [30, 20] and one["sizes"][BROKEN] == [0, 0]
+  for a, b in zip(one_scores, two_scores):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

@@ -26,10 +26,11 @@ one), calls the real `Trainer.train_step` once to compile, `--warmup` more times
 times `--steps` steps (block_until_ready after each).
 
 `--eval retrieval` runs the retrieval evaluation's engine (x2vlm_jax/evaluate/retrieval.py) on
-the config's model with random parameters, over `--eval-images` synthetic images (made a batch at a
-time) x `--captions` random captions: wall and CPU seconds per phase (encode_images,
-encode_texts, candidates, rerank, itc_ranks, metrics), candidate and distinct pairs, re-ranking
-pairs/s, analytic FLOPs per phase (flops.retrieval_eval_flops), peak host RSS and device memory.
+the config's model with random parameters, over `--eval-images` synthetic uint8 images (made a
+batch at a time, as the evaluators decode them) x `--captions` random captions: wall and CPU
+seconds per phase (encode_images, encode_texts, candidates, rerank, itc_ranks, metrics),
+candidate and distinct pairs, re-ranking pairs/s, analytic FLOPs per phase
+(flops.retrieval_eval_flops), peak host RSS and device memory.
 
 Output fields: examples_per_s (texts per step / median step time; a region batch counts its
 region texts), step_time_median_s / _p90_s, compile_time_s (first call minus the median step),
@@ -386,8 +387,9 @@ def bench_data(args) -> dict:
 
 # ---------------------------------------------------------------------------- eval mode
 class SyntheticImages:
-  """N random CLIP-normalised images, made when sliced (as `eval_data.EvalImages` decodes them):
-  image i is the same whatever the batch it is read in."""
+  """N random uint8 images [R, R, 3] (resized pixels, as `eval_data.EvalImages` decodes them; the
+  model normalises them on the device), made when their rows are asked for (`load_batches`, as
+  `common.run_batched` asks): image i is the same whatever the batch it is read in."""
 
   def __init__(self, n: int, image_res: int):
     self.n, self.image_res = n, image_res
@@ -395,10 +397,10 @@ class SyntheticImages:
   def __len__(self) -> int:
     return self.n
 
-  def __getitem__(self, index: slice) -> np.ndarray:
-    start, stop, _ = index.indices(self.n)
-    return np.stack([np.random.default_rng(i).standard_normal(
-        (self.image_res, self.image_res, 3), dtype=np.float32) for i in range(start, stop)])
+  def load_batches(self, batches):
+    for rows in batches:
+      yield np.stack([np.random.default_rng(int(i)).integers(
+          0, 256, (self.image_res, self.image_res, 3), dtype=np.uint8) for i in rows])
 
 
 def _phase(timings: dict, name: str, fn):

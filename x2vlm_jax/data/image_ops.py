@@ -6,7 +6,8 @@
   resize_square(img, R, box=None)     -> R x R bicubic (aspect not kept), optional crop box
   hflip(img)                          -> mirrored image
   rand_augment(img, rng, ...)         -> RandAugment(N, M) (colour-only or with geometric ops)
-  normalize(img)                      -> float32 [R, R, 3] with CLIP mean / std
+  normalize(img)                      -> float32 [R, R, 3] with CLIP mean / std (on the host; the
+                                         model does the same to uint8 pixels, `X2VLM.encode_image`)
 
 All randomness comes from a `numpy.random.Generator`.
 """
@@ -20,8 +21,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+# The one definition of the pixel normalisation (x / 255 - CLIP_MEAN) / CLIP_STD, float32: used by
+# `normalize` (host) and by `X2VLM.encode_image` on uint8 pixels (device).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+# The uint8 pixel nearest the mean [3] (normalises to within 0.01 of 0): fills unreadable images.
+MEAN_PIXEL = np.round(CLIP_MEAN * 255.0).astype(np.uint8)
 
 
 class ImageDecodeError(ValueError):

@@ -21,8 +21,9 @@ for evaluators that take several files, one split per file, named by the file's 
 Batching: inputs are cut into fixed-size batches (the last one padded by repeating its last row,
 the padding dropped from the outputs), so each jitted function compiles once per evaluator. With
 a mesh, every batch is split over its ('data', 'fsdp') axes and the batch size is rounded up to a
-multiple of their size; params already spread over the mesh (FSDP-sharded by the trainer) stay
-where they are, others are replicated once.
+multiple of their size; each process loads only the rows its own devices hold (in a multi-host
+run, a process decodes only its share of the images); params already spread over the mesh
+(FSDP-sharded by the trainer) stay where they are, others are replicated once.
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ class Evaluator:
         type=cls.TYPE,
         every_steps=0,  # > 0: also run every this many training steps (metrics only, no files)
         batch_size=32,  # rows per jitted call (rounded up to a multiple of the mesh's batch shards)
+        # Images decoded by this many grain worker processes, reading batches ahead (0: by threads
+        # in this process, a batch at a time; `eval_data.EvalImages`).
+        decode_workers=0,
     ))
 
   def __init__(self, name: str, cfg, *, config, model, mesh: Mesh | None = None):
@@ -174,26 +178,81 @@ def _new_buffers(example, rows: int, mesh: Mesh | None):
   return jax.tree.map(make, example)
 
 
+def local_positions(batch_size: int, mesh: Mesh | None) -> np.ndarray:
+  """[p] sorted positions of a [batch_size, ...] batch that this process's devices hold, split
+  over the mesh's batch axes (every position without a mesh, or with one process)."""
+  if mesh is None:
+    return np.arange(batch_size)
+  held = set()
+  for index in sharding_lib.batch_sharding(mesh).addressable_devices_indices_map(
+      (batch_size,)).values():
+    held.update(range(*index[0].indices(batch_size)))
+  return np.asarray(sorted(held), np.int64)
+
+
+def _row_feed(source: Any, batches: list[np.ndarray]):
+  """The values [len(rows), ...] of each array of input `rows` of `batches`, in order: a row
+  loader's `load_batches` (e.g. `eval_data.EvalImages`: decodes only those rows), a numpy
+  array's rows, or a sliced sequence's (one slice covering the rows, then the rows of it)."""
+  if hasattr(source, "load_batches"):
+    return iter(source.load_batches(batches))
+  if isinstance(source, np.ndarray):
+    return (source[rows] for rows in batches)
+  return (np.asarray(source[int(rows.min()):int(rows.max()) + 1])[rows - rows.min()]
+          for rows in batches)
+
+
+def _put_local(values: np.ndarray, positions: np.ndarray, batch_size: int, mesh: Mesh | None
+               ) -> jax.Array:
+  """This process's rows `values` [p, ...] (at `positions` [p] of the batch) -> the global
+  [batch_size, ...] batch, split over the mesh's batch axes."""
+  if mesh is None:
+    return jax.device_put(values)
+
+  def shard(index):  # a device's rows [lo, hi) are consecutive among this process's positions
+    lo, hi, _ = index[0].indices(batch_size)
+    at = int(np.searchsorted(positions, lo))
+    return values[at:at + hi - lo][(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback((batch_size,) + values.shape[1:],
+                                      sharding_lib.batch_sharding(mesh), shard)
+
+
+def _finish(feeds) -> None:
+  """Runs each feed past its last batch (a loader's end-of-pass work, e.g. `EvalImages` sharing
+  its unreadable rows between processes)."""
+  for feed in feeds:
+    if next(feed, None) is not None:
+      raise RuntimeError("a row loader returned more batches than asked for")
+
+
 def run_batched(fn: Callable[..., Any], arrays: Sequence[Any], batch_size: int,
                 mesh: Mesh | None, *, name: str = "", log_every: int = 0,
                 keep_padding: bool = False) -> Any:
   """`fn(*device_batches)` over fixed-size batches of `arrays` (common leading dim N).
 
-  `arrays` are numpy arrays or lazy sequences whose slices load the rows (e.g.
-  `eval_data.EvalImages`, decoding images only for that batch). The outputs (a pytree of [B, ...]
-  device arrays) are written batch by batch into device buffers of ceil(N / B) * B rows (in
-  place: no concatenation, no second copy); returned with their padding rows (`keep_padding`:
-  rows >= N repeat the last input's outputs; for large outputs read by index) or cut to N. With
-  `log_every`, a progress line every that many batches.
+  `arrays` are numpy arrays, sequences whose slices load the rows, or row loaders with
+  `load_batches(batches) -> iterator` (`eval_data.EvalImages`: images decoded only for the rows
+  asked for, maybe read ahead by worker processes). Each process loads only the rows of each
+  batch that its devices hold (`local_positions`; the padding of the last batch repeats row
+  N - 1) and the batch is assembled over the mesh from the processes' rows. The outputs (a pytree
+  of [B, ...] device arrays) are written batch by batch into device buffers of ceil(N / B) * B
+  rows (in place: no concatenation, no second copy); returned with their padding rows
+  (`keep_padding`: rows >= N repeat the last input's outputs; for large outputs read by index)
+  or cut to N. With `log_every`, a progress line every that many batches.
   """
   n = len(arrays[0])
   if n == 0:
     raise ValueError("nothing to evaluate: empty inputs")
   buffers, t0 = None, time.monotonic()
   n_pad = -(-n // batch_size) * batch_size
-  for b, start in enumerate(range(0, n, batch_size)):
+  positions = local_positions(batch_size, mesh)
+  starts = range(0, n, batch_size)
+  batches = [np.minimum(start + positions, n - 1) for start in starts]
+  feeds = [_row_feed(a, batches) for a in arrays]
+  for b, start in enumerate(starts):
     stop = min(n, start + batch_size)
-    out = fn(*[put_batch(pad_rows(np.asarray(a[start:stop]), batch_size), mesh) for a in arrays])
+    out = fn(*[_put_local(np.asarray(next(feed)), positions, batch_size, mesh) for feed in feeds])
     if buffers is None:
       if n_pad == batch_size:  # one batch: nothing to write into
         buffers = out
@@ -203,6 +262,7 @@ def run_batched(fn: Callable[..., Any], arrays: Sequence[Any], batch_size: int,
       buffers = _write_rows(buffers, out, jnp.int32(start))
     if log_every and (b % log_every == 0 or stop == n):
       logging.info("%s: %d/%d (%.1f/s)", name, stop, n, stop / max(time.monotonic() - t0, 1e-9))
+  _finish(feeds)
   if keep_padding or n_pad == n:
     return buffers
   return jax.tree.map(lambda y: y[:n], buffers)

@@ -16,10 +16,11 @@ Usage (data as `tasks.retrieval.load_retrieval_eval` reads it):
   per_lang = evaluate_multilingual_retrieval(model, params, data, ...)
 
 Execution, streaming and on the mesh:
-  * images (decoded a batch at a time from `eval_data.EvalImages`) and texts are encoded in
-    fixed-size batches split over the mesh's ('data', 'fsdp') axes, each jitted function compiled
-    once; the embeddings are written into device buffers in place (`common.run_batched`), in
-    `embed_dtype` (float32, or bfloat16 to halve them), sharded over the batch axes;
+  * images (decoded a batch at a time from `eval_data.EvalImages`, uint8 until the device, where
+    `X2VLM.encode_image` normalises them) and texts are encoded in fixed-size batches split over
+    the mesh's ('data', 'fsdp') axes, each jitted function compiled once; the embeddings are
+    written into device buffers in place (`common.run_batched`), in `embed_dtype` (float32, or
+    bfloat16 to halve them), sharded over the batch axes;
   * step 2 never builds [N_img, N_txt]: the top-k of each row is taken on the device over chunks
     of rows (ties: the lower index first, as a stable sort), and with `include_itc` the ranks of
     the ITC similarities alone likewise; the host keeps [rows, k] candidates and scores;
@@ -28,7 +29,9 @@ Execution, streaming and on the mesh:
     candidates and the texts that ranked it), its keys and values projected once per group;
   * step 4 reads the ranks from the candidates (`retrieval_metrics.ranks_from_candidates`); the
     full score matrices exist only when asked for (`RetrievalResult.dense`, score files).
-Every process evaluates all rows (no multi-host row split yet; see `rerank` for the recipe).
+In a multi-process run each process loads (decodes) only the image and text rows its devices
+hold; the candidates and the re-ranking's bookkeeping are computed by every process on all rows
+(the re-ranking's row split is not done yet; see `rerank` for the recipe).
 
 The engine of the image, multilingual and video retrieval evaluators (`tasks/retrieval.py`,
 `tasks/video_retrieval.py`) and of `inference.Predictor.score`.
@@ -150,8 +153,8 @@ def make_retrieval_fns(model, mesh: Mesh | None = None,
 
 def encode_images(params, images: Any, *, batch_size: int, fns: dict,
                   mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-  """images [N_img, R, R, 3] (array or `EvalImages`) -> (image_embeds [N_pad, 1+N, D] with
-  padding rows at the end, image_feat [N_img, E]) on device."""
+  """images [N_img, R, R, 3] (float or uint8 array, or `EvalImages`) -> (image_embeds
+  [N_pad, 1+N, D] with padding rows at the end, image_feat [N_img, E]) on device."""
   embeds, feat = common.run_batched(lambda x: fns["encode_images"](params, x), (images,),
                                     batch_size, mesh, keep_padding=True)
   return embeds, feat[:len(images)]
@@ -309,9 +312,9 @@ def evaluate_retrieval(model, params, data: dict, *, k_test: int, batch_size: in
 
   Args:
     model: `X2VLM` (deterministic apply). params: its params (unboxed; host or device).
-    data: `tasks.retrieval.load_retrieval_eval` output: images ([N_img, R, R, 3] f32 or
-      `EvalImages`), text_ids [N_txt, L] i32, text_atts [N_txt, L] i32, txt2img [N_txt],
-      img2txt (N_img lists).
+    data: `tasks.retrieval.load_retrieval_eval` output: images ([N_img, R, R, 3] f32
+      CLIP-normalised or uint8 pixels, or `EvalImages`), text_ids [N_txt, L] i32, text_atts
+      [N_txt, L] i32, txt2img [N_txt], img2txt (N_img lists).
     k_test: candidates re-scored with ITM per row (clamped to the number of candidates).
     batch_size: images / texts per encoding call, and ~pairs per ITM call (rounded to whole
       groups of k_test texts).

@@ -214,11 +214,13 @@ def caption_image_id(rec: dict, image_id_key: str = "image_id") -> Any:
 
 
 def load_caption_eval(path: str, image_root: str, image_id_key: str = "image_id", *,
-                      image_res: int | None = None, exif_transpose: bool = True) -> dict:
+                      image_res: int | None = None, exif_transpose: bool = True,
+                      decode_workers: int = 0) -> dict:
   """Caption evaluation split: dict(image_ids [N] (ints or strings), image_paths [N], where [N],
   references {image_id: [str, ...]} or None when no record has captions (a test-server split)).
-  With `image_res`, the image files are checked and `images` (`eval_data.EvalImages` [N],
-  decoded batch by batch) is added. Raises BadDataError naming file:line for a bad record."""
+  With `image_res`, the image files are checked and `images` (`eval_data.EvalImages` [N], uint8,
+  decoded batch by batch, by `decode_workers` grain processes if > 0) is added. Raises
+  BadDataError naming file:line for a bad record."""
   ids, paths, where, refs, seen = [], [], [], {}, set()
   for w, rec in eval_data.read_split(path, "images"):
     image = eval_data.image_path(rec, w, image_root)
@@ -242,7 +244,8 @@ def load_caption_eval(path: str, image_root: str, image_id_key: str = "image_id"
   data = dict(image_ids=ids, image_paths=paths, where=where, references=refs or None)
   if image_res is not None:
     eval_data.check_files_exist(paths, where)
-    data["images"] = eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose)
+    data["images"] = eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose,
+                                          decode_workers=decode_workers)
   return data
 
 
@@ -399,7 +402,8 @@ class CaptioningEvaluator(common.Evaluator):
                          f"config.data.captioning.prompt {d.captioning.prompt!r}")
     self.splits = [(split, load_caption_eval(path, cfg.image_root,
                                              image_res=config.model.image_res,
-                                             exif_transpose=d.exif_transpose))
+                                             exif_transpose=d.exif_transpose,
+                                             decode_workers=cfg.decode_workers))
                    for path, split in common.named_splits(cfg.files, self.field("files"))]
     self.fn = make_caption_fn(
         model, self.prompt, num_beams=cfg.beams, max_length=cfg.max_length,

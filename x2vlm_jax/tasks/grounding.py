@@ -70,10 +70,12 @@ def collate(examples_, rng=None) -> dict:
 
 # ------------------------------------------------------------------------------ evaluation
 def load_grounding_eval(path: str, image_root: str, image_res: int, tokenizer, max_tokens: int,
-                        *, max_words: int | None = None, exif_transpose: bool = True) -> dict:
-  """`{"image", "text", "bbox"}` records -> dict(images: `EvalImages` [N] (decoded batch by
-  batch; their original (W, H) in `images.sizes` once decoded), text_ids / text_atts [N, L] i32,
-  bbox_xywh [N, 4] f32 (original pixels), where [N]). A bad record fails naming it."""
+                        *, max_words: int | None = None, exif_transpose: bool = True,
+                        decode_workers: int = 0) -> dict:
+  """`{"image", "text", "bbox"}` records -> dict(images: `EvalImages` [N] (uint8, decoded batch
+  by batch, by `decode_workers` grain processes if > 0; their original (W, H) in `images.sizes`
+  once decoded), text_ids / text_atts [N, L] i32, bbox_xywh [N, 4] f32 (original pixels), where
+  [N]). A bad record fails naming it."""
   recs = eval_data.read_split(path, "expressions")
   paths, texts, gt = [], [], []
   for where, rec in recs:
@@ -91,8 +93,9 @@ def load_grounding_eval(path: str, image_root: str, image_res: int, tokenizer, m
   text_ids, text_atts = eval_data.encode_texts(
       texts, where, eval_data.as_tokenizer(tokenizer), max_tokens,
       max_tokens if max_words is None else max_words)
-  return dict(images=eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose),
-              text_ids=text_ids, text_atts=text_atts,
+  images = eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose,
+                                decode_workers=decode_workers)
+  return dict(images=images, text_ids=text_ids, text_atts=text_atts,
               bbox_xywh=np.asarray(gt, np.float32).reshape(-1, 4), where=where)
 
 
@@ -190,7 +193,8 @@ class GroundingEvaluator(common.Evaluator):
     tokenizer = text_lib.load_tokenizer(d.vocab_path)
     self.splits = [(path, split, load_grounding_eval(
         path, cfg.image_root, config.model.image_res, tokenizer, d.max_tokens,
-        max_words=d.max_words, exif_transpose=d.exif_transpose))
+        max_words=d.max_words, exif_transpose=d.exif_transpose,
+        decode_workers=cfg.decode_workers))
                    for path, split in common.named_splits(cfg.files, self.field("files"))]
     self.fn = make_grounding_fn(model, mesh)
 

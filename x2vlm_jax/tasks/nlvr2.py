@@ -99,10 +99,12 @@ def nlvr_logits(m, batch, deterministic: bool = True) -> jax.Array:
 
 # ------------------------------------------------------------------------------ evaluation
 def load_nlvr_eval(path: str, image_root: str, image_res: int, tokenizer, max_tokens: int, *,
-                   max_words: int | None = None, exif_transpose: bool = True) -> dict:
+                   max_words: int | None = None, exif_transpose: bool = True,
+                   decode_workers: int = 0) -> dict:
   """`{"images": [a, b], "sentence", "label"}` records -> dict(images0, images1: `EvalImages`
-  [N] (decoded batch by batch), where [N], text_ids / text_atts [N, L] i32, label [N] i32). A bad
-  record or a missing image fails naming its record."""
+  [N] (uint8, decoded batch by batch, by `decode_workers` grain processes if > 0), where [N],
+  text_ids / text_atts [N, L] i32, label [N] i32). A bad record or a missing image fails naming
+  its record."""
   recs = eval_data.read_split(path, "examples")
   paths0, paths1, sentences, labels = [], [], [], []
   for where, rec in recs:
@@ -123,8 +125,8 @@ def load_nlvr_eval(path: str, image_root: str, image_res: int, tokenizer, max_to
   text_ids, text_atts = eval_data.encode_texts(
       sentences, where, eval_data.as_tokenizer(tokenizer), max_tokens,
       max_tokens if max_words is None else max_words)
-  images = [eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose)
-            for paths in (paths0, paths1)]
+  images = [eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose,
+                                 decode_workers=decode_workers) for paths in (paths0, paths1)]
   return dict(images0=images[0], images1=images[1], where=where, text_ids=text_ids,
               text_atts=text_atts, label=np.asarray(labels, np.int32))
 
@@ -166,7 +168,8 @@ class NlvrEvaluator(common.Evaluator):
     tokenizer = text_lib.load_tokenizer(d.vocab_path)
     self.splits = [(split, load_nlvr_eval(
         path, cfg.image_root, config.model.image_res, tokenizer, d.max_tokens,
-        max_words=d.max_words, exif_transpose=d.exif_transpose))
+        max_words=d.max_words, exif_transpose=d.exif_transpose,
+        decode_workers=cfg.decode_workers))
                    for path, split in common.named_splits(cfg.files, self.field("files"))]
     self.fn = make_nlvr_fn(model, mesh)
 

@@ -40,10 +40,12 @@ def _captions(rec: dict, key: str, where: str, what: str) -> list[str]:
 
 
 def load_retrieval_eval(path: str, image_root: str, image_res: int, tokenizer, max_tokens: int,
-                        *, max_words: int | None = None, exif_transpose: bool = True) -> dict:
+                        *, max_words: int | None = None, exif_transpose: bool = True,
+                        decode_workers: int = 0) -> dict:
   """`{"image", "caption": str | [str, ...]}` records -> dict(images: `EvalImages` [N_img]
-  (decoded batch by batch), text_ids / text_atts [N_txt, L] i32, txt2img [N_txt] i32 (the image
-  of each text), img2txt: N_img lists of text indices). A bad record fails naming it."""
+  (uint8, decoded batch by batch, by `decode_workers` grain processes if > 0), text_ids /
+  text_atts [N_txt, L] i32, txt2img [N_txt] i32 (the image of each text), img2txt: N_img lists
+  of text indices). A bad record fails naming it."""
   recs = eval_data.read_split(path, "images")
   texts, text_where, txt2img, img2txt, paths = [], [], [], [], []
   for n, (where, rec) in enumerate(recs):
@@ -59,15 +61,17 @@ def load_retrieval_eval(path: str, image_root: str, image_res: int, tokenizer, m
   text_ids, text_atts = eval_data.encode_texts(
       texts, text_where, eval_data.as_tokenizer(tokenizer), max_tokens,
       max_tokens if max_words is None else max_words)
-  return dict(images=eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose),
-              text_ids=text_ids, text_atts=text_atts, txt2img=np.asarray(txt2img, np.int32),
-              img2txt=img2txt)
+  images = eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose,
+                                decode_workers=decode_workers)
+  return dict(images=images, text_ids=text_ids, text_atts=text_atts,
+              txt2img=np.asarray(txt2img, np.int32), img2txt=img2txt)
 
 
 def load_multilingual_retrieval_eval(path: str, image_root: str, image_res: int, tokenizer,
                                      max_tokens: int, *, languages: Sequence[str] = (),
                                      max_words: int | None = None,
-                                     exif_transpose: bool = True) -> dict:
+                                     exif_transpose: bool = True,
+                                     decode_workers: int = 0) -> dict:
   """`{"image", "caption": {lang: str | [str]}}` records -> dict(images: `EvalImages`,
   languages: {lang: dict(text_ids, text_atts, txt2img, img2txt) as `load_retrieval_eval`}).
 
@@ -105,8 +109,9 @@ def load_multilingual_retrieval_eval(path: str, image_root: str, image_res: int,
                           txt2img=np.asarray(t["txt2img"], np.int32), img2txt=t["img2txt"])
   where = [w for w, _ in recs]
   eval_data.check_files_exist(paths, where)
-  return dict(images=eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose),
-              languages=per_lang)
+  images = eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose,
+                                decode_workers=decode_workers)
+  return dict(images=images, languages=per_lang)
 
 
 # ------------------------------------------------------------------------------ evaluators
@@ -141,7 +146,8 @@ class RetrievalEvaluator(common.Evaluator):
 
   def load(self, cfg, tokenizer, image_res, max_tokens, max_words, exif_transpose):
     return load_retrieval_eval(cfg.file, cfg.image_root, image_res, tokenizer, max_tokens,
-                               max_words=max_words, exif_transpose=exif_transpose)
+                               max_words=max_words, exif_transpose=exif_transpose,
+                               decode_workers=cfg.decode_workers)
 
   def write(self, predictions_dir, stem, result):
     engine.write_outputs(predictions_dir, stem, result, save_scores=self.cfg.save_scores,
@@ -170,7 +176,7 @@ class MultilingualRetrievalEvaluator(RetrievalEvaluator):
   def load(self, cfg, tokenizer, image_res, max_tokens, max_words, exif_transpose):
     return load_multilingual_retrieval_eval(
         cfg.file, cfg.image_root, image_res, tokenizer, max_tokens, languages=tuple(cfg.languages),
-        max_words=max_words, exif_transpose=exif_transpose)
+        max_words=max_words, exif_transpose=exif_transpose, decode_workers=cfg.decode_workers)
 
   def run(self, params, step=0, *, predictions_dir=None):
     per_lang = engine.evaluate_multilingual_retrieval(

@@ -99,11 +99,13 @@ def vqa_logits(m, batch, deterministic: bool = True) -> jax.Array:
 
 # ------------------------------------------------------------------------------ evaluation
 def load_vqa_eval(path: str, image_root: str, image_res: int, tokenizer, max_tokens: int, *,
-                  max_words: int | None = None, exif_transpose: bool = True) -> dict:
+                  max_words: int | None = None, exif_transpose: bool = True,
+                  decode_workers: int = 0) -> dict:
   """`{"question_id", "image", "question", optional "answer": [str, ...] | str}` records ->
-  dict(question_id [Q] (as written), images: `EvalImages` [Q] (decoded batch by batch), where [Q],
-  text_ids / text_atts [Q, L] i32, answers: Q lists of human answers, or None when any record has
-  none (a test split)). A bad record or a missing image fails naming its record."""
+  dict(question_id [Q] (as written), images: `EvalImages` [Q] (uint8, decoded batch by batch, by
+  `decode_workers` grain processes if > 0), where [Q], text_ids / text_atts [Q, L] i32, answers:
+  Q lists of human answers, or None when any record has none (a test split)). A bad record or a
+  missing image fails naming its record."""
   recs = eval_data.read_split(path, "questions")
   qids, paths, questions, answers = [], [], [], []
   for where, rec in recs:
@@ -124,9 +126,9 @@ def load_vqa_eval(path: str, image_root: str, image_res: int, tokenizer, max_tok
   text_ids, text_atts = eval_data.encode_texts(
       questions, where, eval_data.as_tokenizer(tokenizer), max_tokens,
       max_tokens if max_words is None else max_words)
-  return dict(question_id=qids, images=eval_data.EvalImages(paths, where, image_res,
-                                                            exif_transpose=exif_transpose),
-              where=where, text_ids=text_ids, text_atts=text_atts,
+  images = eval_data.EvalImages(paths, where, image_res, exif_transpose=exif_transpose,
+                                decode_workers=decode_workers)
+  return dict(question_id=qids, images=images, where=where, text_ids=text_ids, text_atts=text_atts,
               answers=None if any(a is None for a in answers) else answers)
 
 
@@ -187,7 +189,8 @@ class VqaEvaluator(common.Evaluator):
     self.fn = self.make_fn(tokenizer)
     self.splits = [(split, load_vqa_eval(
         path, cfg.image_root, config.model.image_res, tokenizer, d.max_tokens,
-        max_words=d.max_words, exif_transpose=d.exif_transpose))
+        max_words=d.max_words, exif_transpose=d.exif_transpose,
+        decode_workers=cfg.decode_workers))
                    for path, split in common.named_splits(cfg.files, self.field("files"))]
 
   def make_fn(self, tokenizer) -> Callable[..., jax.Array]:
