@@ -129,6 +129,25 @@ def test_zeroshot_crops_and_winoground_groups(small):
     assert (a != b).any() and a.shape == b.shape
 
 
+def test_attribute_boxes_in_the_ovad_layout(small):
+  """ovad_val.json: one box per validation shape, its own colour and size positive, the other
+  colours and size negative, read back by the OVAD evaluator's reader."""
+  from x2vlm_jax.tasks import ovad
+
+  data = json.load(open(small["val_attributes"]))
+  names = [a["name"] for a in data["attributes"]]
+  assert names == [f"color:{c}" for c in demo.COLOURS] + ["size:small", "size:large"]
+  refs = _read(small["val_grounding"])  # "the <size> <colour> <shape>", one per shape, in order
+  assert len(data["annotations"]) == len(refs) == 24
+  shapes = {c["id"]: c["name"] for c in data["categories"]}
+  for ann, ref in zip(data["annotations"], refs):
+    size, colour, shape = ref["text"].split()[1:]
+    assert ann["att_vec"] == [int(n in (f"color:{colour}", f"size:{size}")) for n in names]
+    assert shapes[ann["category_id"]] == shape and ann["bbox"] == ref["bbox"]
+  split = ovad.read_ovad_json(small["val_attributes"], small["image_root"])
+  assert len(split.attribute_names) == 8
+
+
 def test_deterministic_for_a_seed(tmp_path, small):
   again = demo.make_demo_data(str(tmp_path / "a"), num_train=60, num_val=12, image_size=64, seed=3)
   for key in ("train_image_text", "train_regions", "val_retrieval", "val_grounding", "vocab"):

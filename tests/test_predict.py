@@ -172,6 +172,42 @@ def test_generate_is_the_decoders_greedy_answer_and_beam_one_equals_greedy(env):
   assert all(0.0 < r["score"] <= 1.0 and isinstance(r["answer"], str) for r in beams)
 
 
+def test_free_form_evaluation_scores_the_decoders_answers(env, tmp_path):
+  """`vqa_generative` with mode "generate": the predictions are Predictor.answer(mode="generate")'s
+  (greedy and beam 2), scored by the official accuracy; no answer list is read."""
+  p = env["predictor"]
+  images, questions = env["images"][:3], QUESTIONS[:3]
+  greedy = [r["answer"] for r in p.answer(images, questions, mode="generate", max_len=3)]
+  beam = [r["answer"] for r in p.answer(images, questions, mode="generate", max_len=3,
+                                         beam_size=2)]
+  # Human answers: the first question answered as greedy decodes it, the others not.
+  humans = [[greedy[0]] * 10, ["zzz"] * 10, [greedy[2]] * 3 + ["zzz"] * 7]
+  records = [{"question_id": k, "image": im, "question": q, "answer": h}
+             for k, (im, q, h) in enumerate(zip(images, questions, humans))]
+  (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  config = env["config"].copy_and_resolve_references()
+  config.unlock()
+  config.data.vqa_generative.answer_list = "/no/list/needed.json"
+  config.evals = {
+      "free": common.evaluator("vqa_generative", files=(str(tmp_path / "val.jsonl"),),
+                               mode="generate", max_answer_tokens=3, batch_size=2),
+      "free_beam": common.evaluator("vqa_generative", files=(str(tmp_path / "val.jsonl"),),
+                                    mode="generate", max_answer_tokens=3, beam_size=2,
+                                    batch_size=2)}
+  evaluators = tasks.make_evaluators(config, env["model"])
+  metrics = {}
+  for evaluator in evaluators.values():
+    metrics.update(evaluator.run(env["params"], predictions_dir=str(tmp_path)))
+  assert [r["answer"] for r in json.load(open(tmp_path / "free_val.json"))] == greedy
+  assert [r["answer"] for r in json.load(open(tmp_path / "free_beam_val.json"))] == beam
+  # Official accuracy, leave-one-out over the 10 humans: 1, 0, and for 3 matching humans
+  # (3 x min(1, 2/3) + 7 x min(1, 3/3)) / 10 = 0.9 -> (1 + 0 + 0.9) / 3 ("zzz" is never generated).
+  assert "zzz" not in greedy and metrics["eval/free/val/acc"] == pytest.approx(63.33)
+  with pytest.raises(ValueError, match="config.evals.free.mode is 'sample'"):
+    config.evals.free.mode = "sample"
+    tasks.make_evaluators(config, env["model"])
+
+
 def test_caption_is_the_captioning_evaluators_output(env, tmp_path):
   (tmp_path / "caps.jsonl").write_text("".join(
       json.dumps({"image": path, "image_id": n}) + "\n" for n, path in enumerate(env["images"])))

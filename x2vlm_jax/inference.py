@@ -60,13 +60,12 @@ from x2vlm_jax import boxes, errors, losses, tasks
 from x2vlm_jax.data import eval_data, examples, image_ops
 from x2vlm_jax.data import text as text_lib
 from x2vlm_jax.evaluate import common, generation, retrieval
-from x2vlm_jax.tasks import captioning, nlvr2, vqa, vqa_generative
+from x2vlm_jax.tasks import captioning, nlvr2, vqa, vqa_generative, zeroshot
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 _run_batched = common.run_batched  # fixed-size batches, padding dropped
-# Zero-shot classification prompts ("{}" is the label): CLIP's generic photo template and the
-# bare label, which is how captions and referring expressions of the training data name things.
-DEFAULT_TEMPLATES = ("a photo of a {}.", "{}")
+# Zero-shot classification prompts ("{}" is the label), shared with the zero-shot evaluator.
+DEFAULT_TEMPLATES = zeroshot.DEFAULT_TEMPLATES
 VQA_MODES = ("auto", "head", "rank", "generate")
 
 
@@ -486,12 +485,8 @@ class Predictor:
 
     def batch_answers(x, i, a):
       """A batch -> its answers as `[CLS] answer [SEP]` ids [B, 1 + max_len], -1 after."""
-      out = fn(self.params, x, i, a)
-      if beam_size == 1:
-        sequences = generation.greedy_sequences(jax.device_get(out[0]), int(out[1]),
-                                                eos_id=tok.sep_id)
-      else:
-        sequences = generation.best_sequences(out, eos_id=tok.sep_id)
+      sequences = vqa_generative.generated_sequences(fn(self.params, x, i, a), beam_size,
+                                                     tok.sep_id)
       rows = np.full((len(sequences), 1 + max_len), -1, np.int32)
       for row, seq in zip(rows, sequences):
         row[: 1 + len(seq)] = [tok.cls_id] + seq
@@ -568,13 +563,13 @@ class Predictor:
                      ) -> np.ndarray:
     """[C, E] float32 zero-shot classifier: each label through each template ("{}" is the label;
     default `DEFAULT_TEMPLATES`), the L2-normalised ITC text features averaged per label and
-    re-normalised (CLIP's protocol)."""
+    re-normalised (CLIP's protocol: `tasks.zeroshot.class_embeddings`, as the zero-shot
+    evaluator)."""
     labels = _text_list(labels)
-    templates = list(DEFAULT_TEMPLATES if templates is None else _text_list(templates))
-    if not all("{}" in t for t in templates):
-      raise errors.InputError(f"every template must hold '{{}}' (the label): {templates}")
-    feats = self.embed_texts([t.replace("{}", label) for label in labels for t in templates])
-    return normalize_rows(feats.reshape(len(labels), len(templates), -1).mean(axis=1))
+    templates = zeroshot.check_templates(DEFAULT_TEMPLATES if templates is None
+                                         else _text_list(templates))
+    feats = self.embed_texts(zeroshot.prompts(labels, templates))
+    return zeroshot.class_embeddings(feats, len(labels))
 
   def classify(self, images, labels: Sequence[str], templates: Sequence[str] | None = None, *,
                top_k: int = 5) -> list[list[dict]]:

@@ -25,6 +25,8 @@ size in {small, large}. Files under `out_dir`:
   zeroshot_val.jsonl      {"image": "images/zeroshot_val_NNNNNN_K.png", "label": "red circle"}: each
                           shape of each validation scene cropped (zero-shot classification)
   zeroshot_classes.txt    the 18 colour-shape classes, one a line
+  ovad_val.json           the validation shapes as OVAD boxes (the benchmark's COCO-style layout):
+                          category = shape, attributes color:<colour> and size:<small|large>
   winoground/             examples.jsonl + images/ex_G_img_{0,1}.png in Winoground's layout: two
                           shapes, and the same two with their places swapped; captions that swap
                           the objects (even groups) or the relation (odd groups)
@@ -76,6 +78,7 @@ train_grounding.jsonl   grounding fine-tuning format: {{"image", "text", "bbox"}
 val_retrieval.jsonl     retrieval test format: {{"image", "caption": [captions]}}
 val_grounding.jsonl     grounding test format: {{"image", "text", "bbox"}} (one per shape)
 zeroshot_val.jsonl      zero-shot classification: {{"image": crop of one shape, "label"}}
+ovad_val.json           open-vocabulary attributes of every validation shape (OVAD layout)
 winoground/             Winoground-style groups (examples.jsonl, images/)
 vocab.txt               BERT WordPiece vocabulary covering every generated word
 images/                 PNG files (paths in the JSONL files are relative to this directory)
@@ -295,6 +298,32 @@ def _winoground_groups(out_dir: str, rng: np.random.Generator, image_size: int,
   return rows
 
 
+def _write_attribute_boxes(path: str, scenes: list[tuple[str, list[dict]]],
+                           image_size: int) -> None:
+  """Every shape of the validation scenes as an OVAD box (`tasks.ovad.write_ovad_json`, the
+  benchmark's published layout): category = its shape, attributes "color:<colour>" and
+  "size:small" / "size:large", each known for every box (1 for its own, 0 for the others). The
+  attributes are split into head / medium / tail thirds by their number of positive boxes."""
+  from x2vlm_jax.tasks import ovad  # pylint: disable=import-outside-toplevel
+
+  names = [f"color:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]
+  boxes_ = []
+  for k, (_, objects) in enumerate(scenes):
+    for obj in objects:
+      own = {f"color:{obj['colour']}", f"size:{obj['size']}"}
+      boxes_.append({"image": k, "bbox": obj["bbox"], "category": obj["shape"],
+                     "labels": {name: int(name in own) for name in names}})
+  positives = {name: sum(b["labels"][name] for b in boxes_) for name in names}
+  ranked = sorted(names, key=lambda n: (-positives[n], n))
+  third = -(-len(names) // 3)
+  freq = {name: ovad.FREQ_SETS[min(r // third, 2)] for r, name in enumerate(ranked)}
+  ovad.write_ovad_json(
+      path, images=[{"file_name": rel, "width": image_size, "height": image_size}
+                    for rel, _ in scenes],
+      boxes_=boxes_, attributes=[{"name": n, "freq_set": freq[n]} for n in names],
+      categories=list(SHAPES))
+
+
 def _write_jsonl(path: str, rows: list[dict]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     for r in rows:
@@ -309,6 +338,7 @@ def demo_paths(out_dir: str) -> dict[str, str]:
                val_vqa="val_vqa.jsonl", answer_list="answer_list.json",
                train_nlvr="train_nlvr.jsonl", val_nlvr="val_nlvr.jsonl",
                val_zeroshot="zeroshot_val.jsonl", zeroshot_classes="zeroshot_classes.txt",
+               val_attributes="ovad_val.json",
                winoground=os.path.join("winoground", "examples.jsonl"), vocab="vocab.txt",
                readme="README.txt")
   paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
@@ -357,6 +387,8 @@ def make_demo_data(
       scenes.append((rel_path, objects))
     for left, right in zip(scenes[0::2], scenes[1::2]):
       nlvr[split].extend(_nlvr(left, right))
+    if split == "val":
+      _write_attribute_boxes(paths["val_attributes"], scenes, image_size)
   _write_jsonl(paths["train_image_text"], image_text)
   _write_jsonl(paths["train_regions"], regions)
   _write_jsonl(paths["train_grounding"], train_grounding)

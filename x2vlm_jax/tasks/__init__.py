@@ -22,6 +22,7 @@ from x2vlm_jax.tasks import captioning
 from x2vlm_jax.tasks import grounding
 from x2vlm_jax.tasks import image_text
 from x2vlm_jax.tasks import nlvr2
+from x2vlm_jax.tasks import ovad
 from x2vlm_jax.tasks import regions
 from x2vlm_jax.tasks import retrieval
 from x2vlm_jax.tasks import video_qa
@@ -29,6 +30,8 @@ from x2vlm_jax.tasks import video_retrieval
 from x2vlm_jax.tasks import video_text
 from x2vlm_jax.tasks import vqa
 from x2vlm_jax.tasks import vqa_generative
+from x2vlm_jax.tasks import winoground
+from x2vlm_jax.tasks import zeroshot
 
 Task = base.Task
 
@@ -46,6 +49,10 @@ _BUILTIN = (
     captioning.TASK,
     video_retrieval.TASK,
     video_qa.TASK,
+    # evaluation only
+    ovad.TASK,
+    winoground.TASK,
+    zeroshot.TASK,
 )
 _TASKS: dict[str, base.Task] = {}
 

@@ -132,14 +132,13 @@ def load_vqa_eval(path: str, image_root: str, image_res: int, tokenizer, max_tok
               answers=None if any(a is None for a in answers) else answers)
 
 
-def score_answers(data: dict, answers: Sequence[str], best: np.ndarray
-                  ) -> tuple[list[dict], float | None]:
-  """The chosen answer of each question (`best` [Q]: indices into `answers`) -> (predictions
+def score_answers(data: dict, predicted: Sequence[str]) -> tuple[list[dict], float | None]:
+  """The answer given to each question ([Q] strings, record order) -> (predictions
   [{"question_id", "answer"}] in record order, the official VQA accuracy in percent as the
   official code prints it (2 decimals), or None without human answers). A question whose image
   could not be decoded (`EvalImages.bad`) scores 0."""
-  predictions = [{"question_id": qid, "answer": answers[int(k)]}
-                 for qid, k in zip(data["question_id"], best)]
+  predictions = [{"question_id": qid, "answer": answer}
+                 for qid, answer in zip(data["question_id"], predicted)]
   if data["answers"] is None:
     return predictions, None
   bad = data["images"].bad_mask() if hasattr(data["images"], "bad_mask") else None
@@ -183,8 +182,7 @@ class VqaEvaluator(common.Evaluator):
   def __init__(self, name, cfg, *, config, model, mesh=None):
     super().__init__(name, cfg, config=config, model=model, mesh=mesh)
     d = config.data
-    answer_field = f"config.data.{self.SECTION}.answer_list"
-    self.answers = examples.load_answer_list(d[self.SECTION].answer_list, answer_field)
+    self.answers = self.candidate_answers()
     tokenizer = text_lib.load_tokenizer(d.vocab_path)
     self.fn = self.make_fn(tokenizer)
     self.splits = [(split, load_vqa_eval(
@@ -192,6 +190,11 @@ class VqaEvaluator(common.Evaluator):
         max_words=d.max_words, exif_transpose=d.exif_transpose,
         decode_workers=cfg.decode_workers))
                    for path, split in common.named_splits(cfg.files, self.field("files"))]
+
+  def candidate_answers(self) -> list[str]:
+    """The answers the evaluator chooses from: `config.data.<SECTION>.answer_list`."""
+    return examples.load_answer_list(self.config.data[self.SECTION].answer_list,
+                                     f"config.data.{self.SECTION}.answer_list")
 
   def make_fn(self, tokenizer) -> Callable[..., jax.Array]:
     """Jitted `(params, images, ids, atts) -> answer indices [B]` (the head's arg-max; its size
@@ -209,11 +212,7 @@ class VqaEvaluator(common.Evaluator):
     results = {}
     for split, data in self.splits:
       t0 = time.monotonic()
-      best = common.run_batched(lambda x, i, a: self.fn(params, x, i, a),
-                                (data["images"], data["text_ids"], data["text_atts"]),
-                                self.batch_size, self.mesh, name=f"eval/{self.name}/{split}",
-                                log_every=50)
-      predictions, accuracy = score_answers(data, self.answers, np.asarray(jax.device_get(best)))
+      predictions, accuracy = score_answers(data, self.predict(params, split, data))
       common.write_json(predictions_dir, f"{self.name}_{split}.json", predictions)
       line = f"{split}: {len(predictions)} questions in {time.monotonic() - t0:.1f}s"
       if accuracy is not None:
@@ -221,6 +220,15 @@ class VqaEvaluator(common.Evaluator):
         line += f", accuracy {accuracy:.2f}"
       self.log(line)
     return results
+
+  def predict(self, params, split: str, data: dict) -> list[str]:
+    """The answer to every question of a split ([Q] strings): `self.fn`'s indices into the
+    candidate answers."""
+    best = common.run_batched(lambda x, i, a: self.fn(params, x, i, a),
+                              (data["images"], data["text_ids"], data["text_atts"]),
+                              self.batch_size, self.mesh, name=f"eval/{self.name}/{split}",
+                              log_every=50)
+    return [self.answers[int(k)] for k in np.asarray(jax.device_get(best))]
 
 
 # ------------------------------------------------------------------------------ the task

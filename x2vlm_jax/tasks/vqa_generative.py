@@ -212,25 +212,72 @@ def make_answer_generator(model, *, num_beams: int, max_length: int, cls_id: int
   return jax.jit(fn)
 
 
+def generated_sequences(out, num_beams: int, eos_id: int) -> list[list[int]]:
+  """`make_answer_generator`'s output for a batch -> each row's generated token ids, up to and
+  including the first [SEP]."""
+  if num_beams == 1:
+    tokens, steps = out
+    return generation.greedy_sequences(jax.device_get(tokens), int(steps), eos_id=eos_id)
+  return generation.best_sequences(out, eos_id=eos_id)
+
+
 class VqaGenerativeEvaluator(vqa.VqaEvaluator):
-  """The "vqa" evaluator with the answer chosen by the decoder (module docstring)."""
+  """The "vqa" evaluator with the answer chosen by the decoder (module docstring): `mode`
+  "rank" ranks the answer list (the reference's protocol), "generate" decodes free-form answers
+  (greedy for `beam_size` 1, else beam search; at most `max_answer_tokens` tokens with [SEP]),
+  scored with the same official accuracy."""
 
   TYPE = "vqa_generative"
   SECTION = "vqa_generative"
+  MODES = ("rank", "generate")
 
   @classmethod
   def default_config(cls):
     cfg = super().default_config()
-    cfg.k_test = 128  # candidates re-scored per question (by first-token probability)
+    cfg.k_test = 128  # "rank": candidates re-scored per question (by first-token probability)
+    cfg.mode = "rank"  # or "generate": free-form answers, no answer list
+    cfg.beam_size = 1  # "generate": 1 = greedy
+    cfg.max_answer_tokens = 0  # "generate": 0 = config.data.vqa_generative.answer_max_tokens - 1
     return cfg
+
+  def candidate_answers(self) -> list[str]:
+    if self.cfg.mode not in self.MODES:
+      raise ValueError(f"{self.field('mode')} is {self.cfg.mode!r}: one of {self.MODES}")
+    return [] if self.cfg.mode == "generate" else super().candidate_answers()
 
   def make_fn(self, tokenizer):
     if self.model.answer_decoder_layers <= 0:
-      raise ValueError(f"{self.field('type')} = {self.TYPE!r} ranks answers with the answer "
-                       "decoder, which the model lacks")
+      raise ValueError(f"{self.field('type')} = {self.TYPE!r} answers with the answer decoder, "
+                       "which the model lacks")
+    self.tokenizer = tokenizer
+    if self.cfg.mode == "generate":
+      max_tokens = (int(self.cfg.max_answer_tokens)
+                    or int(self.config.data.vqa_generative.answer_max_tokens) - 1)
+      if int(self.cfg.beam_size) < 1 or not 1 <= max_tokens < self.model.max_position:
+        raise ValueError(f"{self.field('beam_size')} must be >= 1 and the answer length "
+                         f"({self.field('max_answer_tokens')}: {max_tokens}) in "
+                         f"1..{self.model.max_position - 1}")
+      return make_answer_generator(
+          self.model, num_beams=int(self.cfg.beam_size), max_length=max_tokens,
+          cls_id=tokenizer.cls_id, eos_id=tokenizer.sep_id, mask_id=tokenizer.mask_id,
+          pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     answer_ids, answer_atts = tokenize_answers(
         self.answers, tokenizer, self.config.data.vqa_generative.answer_max_tokens)
     return make_rank_fn(self.model, answer_ids, answer_atts, int(self.cfg.k_test), self.mesh)
+
+  def predict(self, params, split, data):
+    if self.cfg.mode != "generate":
+      return super().predict(params, split, data)
+    answers, n = [], len(data["text_ids"])
+    arrays = (data["images"], data["text_ids"], data["text_atts"])
+    for start in range(0, n, self.batch_size):
+      stop = min(n, start + self.batch_size)
+      batch = [common.put_batch(common.pad_rows(np.asarray(a[start:stop]), self.batch_size),
+                                self.mesh) for a in arrays]
+      sequences = generated_sequences(self.fn(params, *batch), int(self.cfg.beam_size),
+                                      self.tokenizer.sep_id)
+      answers += [generation.decode_text(self.tokenizer, s) for s in sequences[: stop - start]]
+    return answers
 
 
 # ------------------------------------------------------------------------------ the task
