@@ -114,6 +114,20 @@ def test_data_iterators_resume_at_the_right_element(tmp_path, caplog):
   assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_params_of_a_training_step_read_without_warnings(tmp_path, caplog):
+  """`load_any_params(workdir)` (evaluation, inference, init from a run) reads the latest step's
+  params alone, and without Orbax's 'Metadata file does not exist' warning."""
+  params = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1) as ckpt:
+    ckpt.save(5, {"params": params, "step": jnp.int32(5)})
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    loaded, step = checkpoint.load_any_params(tmp_path)
+  assert step == 5
+  np.testing.assert_array_equal(loaded["dense"]["kernel"], params["dense"]["kernel"])
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
   stored = {"params": {"a": {"kernel": np.zeros((4, 8), np.float32)},
                        "old_head": {"bias": np.zeros((3,), np.float32)},

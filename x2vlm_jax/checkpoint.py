@@ -25,6 +25,7 @@ import os
 import re
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import numpy as np
@@ -227,8 +228,7 @@ class Checkpointer:
                               f"found steps {self.all_steps()}.")
     item_dir = os.path.join(self.directory, str(step), STATE_ITEM)
     try:
-      with ocp.PyTreeCheckpointer() as reader:
-        state = _restore_as_numpy(item_dir, reader.metadata(item_dir).item_metadata.tree)
+      state = _read_item_as_numpy(item_dir)
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"Failed to read {item_dir} (truncated or corrupt?): "
                             f"{type(e).__name__}: {e}") from e
@@ -257,6 +257,20 @@ def _restore_as_numpy(directory: str, stored_tree: Any) -> Any:
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored_tree)
   with ocp.PyTreeCheckpointer() as reader:
     return reader.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _read_item_as_numpy(item_dir: str) -> Any:
+  """One item of a step (e.g. its `state/`) as numpy arrays, read by Orbax's pytree handler
+  itself: the step's `_CHECKPOINT_METADATA` is one level up, and a Checkpointer pointed at the
+  item would warn that it is missing."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    path = epath.Path(os.path.abspath(item_dir))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                handler.metadata(path).tree)
+    return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  finally:
+    handler.close()
 
 
 def save_params(directory: str | os.PathLike, params: Any, *, config=None,
