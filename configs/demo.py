@@ -6,7 +6,8 @@ Loading this config writes the dataset to `demo_data/` if it is not there yet
 (x2vlm_jax/data/demo.py; `tools/make_demo_data.py` writes one anywhere). The run pre-trains with
 image-text + region batches (ITC, ITM, MLM, box L1 + GIoU) and ends with a zero-shot evaluation on
 the 100 validation scenes: image->text / text->image R@1 (chance 1%) and grounding Acc@IoU>=0.5,
-written to runs/demo/metrics.jsonl.
+then zero-shot classification of their shapes (18 classes), OVAD attribute mAP of their boxes and
+Winoground-style groups, written to runs/demo/metrics.jsonl.
 
 arg (`configs/demo.py:quick,data_dir=PATH,train.seed=1`): `quick` shrinks it to a smoke run (the
 tests), `no_eval` drops the evaluation, `data_dir=PATH` puts the data elsewhere (default
@@ -98,4 +99,15 @@ def get_config(arg=None):
     config.evals.grounding = common.evaluator(
         "grounding", files=(f"{data_dir}/val_grounding.jsonl",), image_root=data_dir,
         batch_size=batch_size)
+    # Zero-shot, never trained for: each shape cropped and named among the 18 colour-shape
+    # classes; the colour and size attributes of each shape's box (OVAD's box-oracle mAP); and
+    # Winoground-style groups whose captions swap the objects or the relation.
+    config.evals.zeroshot = common.evaluator(
+        "zeroshot", files=(f"{data_dir}/zeroshot_val.jsonl",), image_root=data_dir,
+        classes=f"{data_dir}/zeroshot_classes.txt", batch_size=batch_size)
+    config.evals.ovad = common.evaluator(
+        "ovad", files=(f"{data_dir}/ovad_val.json",), image_root=data_dir, object_word="shape",
+        batch_size=batch_size)
+    config.evals.winoground = common.evaluator(
+        "winoground", file=f"{data_dir}/winoground/examples.jsonl", batch_size=batch_size)
   return common.finish(config, arg)

@@ -52,12 +52,13 @@ def test_demo_configs_write_their_data_and_take_the_same_grammar(tmp_path):
   data = str(tmp_path / "d")
   config = load_config(f"configs/demo.py:quick,data_dir={data},train.seed=2")
   assert os.path.exists(os.path.join(data, "README.txt")) and config.train.seed == 2
-  assert sorted(config.evals) == ["grounding", "retrieval"]
+  assert sorted(config.evals) == ["grounding", "ovad", "retrieval", "winoground", "zeroshot"]
   assert not load_config(f"configs/demo.py:quick,no_eval,data_dir={data}").evals
   _check_shape(config)
   for task in ("vqa", "vqa_generative", "nlvr2", "captioning"):
     config = load_config(f"configs/finetune/demo_tasks.py:{task},quick,data_dir={data}")
-    assert dict(config.train.tasks) == {task: 1.0} and list(config.evals) == [task]
+    assert dict(config.train.tasks) == {task: 1.0}
+    assert sorted(config.evals) == sorted([task, "vqa_free"] if task == "vqa_generative" else [task])
     _check_shape(config)
   with pytest.raises(ValueError, match="must name one task"):
     load_config(f"configs/finetune/demo_tasks.py:quick,data_dir={data}")

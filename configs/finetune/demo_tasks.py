@@ -72,6 +72,10 @@ def get_config(arg=None):
     config.evals.vqa_generative = common.evaluator(
         "vqa_generative", files=(f"{data_dir}/val_vqa.jsonl",), image_root=data_dir, k_test=8,
         batch_size=eval_batch_size)
+    # The same questions answered free-form (greedy decoding, no answer list).
+    config.evals.vqa_free = common.evaluator(
+        "vqa_generative", files=(f"{data_dir}/val_vqa.jsonl",), image_root=data_dir,
+        mode="generate", max_answer_tokens=3, batch_size=eval_batch_size)
   elif task == "captioning":
     # The pre-trained MLM head learns to generate (configs/finetune/coco_captioning.py's recipe,
     # shrunk): "[CLS] a picture of" + a scene caption of <= 11 tokens + [SEP] fits 16 tokens.
