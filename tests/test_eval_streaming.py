@@ -61,6 +61,13 @@ def test_uint8_images_embed_as_the_float32_images(image_files):
   np.testing.assert_allclose(np.asarray(feat_u8), np.asarray(feat_f32), rtol=0, atol=1e-5)
   assert float(np.abs(np.asarray(feat_u8)[0] - np.asarray(feat_u8)[1]).max()) > 1e-2
 
+  # Video frames travel the same way (`load_eval_clips` -> uint8, `X2VLM.encode_video`).
+  frames_u8 = np.stack([np.asarray(images[0:2]), np.asarray(images[2:4])])  # [2, F=2, R, R, 3]
+  frames_f32 = np.stack([floats[0:2], floats[2:4]])
+  encode = jax.jit(lambda p, f: model.apply({"params": p}, f, method=x2vlm.X2VLM.encode_video))
+  np.testing.assert_allclose(np.asarray(encode(params, frames_u8)),
+                             np.asarray(encode(params, frames_f32)), rtol=0, atol=1e-5)
+
 
 def test_run_batched_loads_each_batch_rows_once_in_order(image_files):
   """One process holds every row: each batch asks the loader for its rows (the last batch

@@ -324,9 +324,9 @@ def read_clip(path: str, num_frames: int, sampling: str, rng: np.random.Generato
 
 
 def eval_transform(clip: Clip, image_res: int) -> np.ndarray:
-  """Evaluation transform of every frame (bicubic resize to R x R, CLIP normalisation) ->
-  [F, R, R, 3] float32."""
+  """Evaluation transform of every frame: bicubic resize to R x R -> [F, R, R, 3] uint8 (CLIP
+  normalisation happens on the device, in `X2VLM.encode_video`, as for evaluation images)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  return np.stack([image_ops.normalize(image_ops.resize_square(Image.fromarray(f), image_res))
-                   for f in clip.frames]).astype(np.float32)
+  return np.stack([np.asarray(image_ops.resize_square(Image.fromarray(f), image_res), np.uint8)
+                   for f in clip.frames])

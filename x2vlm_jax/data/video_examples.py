@@ -12,7 +12,7 @@ frames: `num_frames`, `sampling`, `min_frames`, `frame_folder_fps`, and the augm
   collate_video_text   video-text examples -> batch
   check_num_frames     a section's frames must fit the model's frame embeddings
   video_paths          evaluation records -> their resolved video paths
-  load_eval_clips      paths -> [N, F, R, R, 3] f32 (deterministic sampling, test transform)
+  load_eval_clips      paths -> [N, F, R, R, 3] uint8 (deterministic sampling, test transform)
 
 Video-text example (F = num_frames, R = image_res, L = max_tokens, M = max_masks):
   frames [F, R, R, 3] f32; text_ids, text_atts, text_ids_masked [L] i32; masked_pos, masked_ids
@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from x2vlm_jax.data import examples as examples_lib
+from x2vlm_jax.data import image_ops
 from x2vlm_jax.data import pipeline
 from x2vlm_jax.data import records
 from x2vlm_jax.data import text as text_lib
@@ -144,13 +145,16 @@ def load_eval_clips(paths: Sequence[str], where: Sequence[str], *, num_frames: i
                     image_res: int, sampling: str = "uniform", folder_fps: float = 1.0,
                     num_threads: int = 4, bad: set[int] | None = None,
                     offset: int = 0) -> np.ndarray:
-  """[N, F, R, R, 3] f32: each video's deterministic frames (`sampling`: uniform or fps) through
-  the test transform. A video that cannot be read raises BadDataError naming its record; with a
-  `bad` set, it is named in a warning instead, its clip left at zeros and its index (+ `offset`)
-  added to `bad`, for the evaluators to score its rows as misses."""
+  """[N, F, R, R, 3] uint8: each video's deterministic frames (`sampling`: uniform or fps) through
+  the test transform (resized; normalised on the device by `X2VLM.encode_video`). A video that
+  cannot be read raises BadDataError naming its record; with a `bad` set, it is named in a
+  warning instead, its clip left at the mean pixel (`image_ops.MEAN_PIXEL`, as an unreadable
+  evaluation image) and its index (+ `offset`) added to `bad`, for the evaluators to score its
+  rows as misses."""
   if sampling == "random_segment":
     raise ValueError("evaluation sampling must be deterministic (uniform or fps)")
-  out = np.zeros((len(paths), num_frames, image_res, image_res, 3), np.float32)
+  out = np.empty((len(paths), num_frames, image_res, image_res, 3), np.uint8)
+  out[...] = image_ops.MEAN_PIXEL
 
   def load(k):
     try:

@@ -2,8 +2,8 @@
 videos (the evaluators using them live with their tasks, x2vlm_jax/tasks/video_*.py).
 
 Videos are read from disk one batch at a time (deterministic frame sampling, test transform:
-resize to R x R, `data.video_examples.load_eval_clips`), the next batch decoded by a thread while
-the device runs the current one.
+resize to R x R, uint8 until the device: `data.video_examples.load_eval_clips`), the next batch
+decoded by a thread while the device runs the current one.
 
   make_video_encoder(model)   jit(params, frames [B, F, R, R, 3]) -> (video embeds, features)
   run_over_videos(fn, params, paths, where, extra, ...)   fn over fixed-size batches of videos

@@ -192,7 +192,10 @@ class X2VLM(nn.Module):
     return region_embeds, full_embeds
 
   def encode_video(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
-    """frames [B, F, H, W, 3] -> [B, 1+N, D]: per-frame ViT, + frame embedding, mean over F."""
+    """frames [B, F, H, W, 3] -> [B, 1+N, D]: per-frame ViT, + frame embedding, mean over F.
+    Frames are CLIP-normalised floats or uint8 pixels (normalised here, as in `encode_image`)."""
+    if frames.dtype == jnp.uint8:
+      frames = normalize_pixels(frames)
     batch, num_frames = frames.shape[:2]
     embeds = self.vision(frames.reshape((batch * num_frames,) + frames.shape[2:]), deterministic)
     embeds = embeds.reshape((batch, num_frames) + embeds.shape[1:])
