@@ -250,16 +250,23 @@ class EvalImages:
 
   def _share_between_processes(self) -> None:
     """Every process's `sizes` and `bad` merged (each decoded only its own rows)."""
-    import jax  # pylint: disable=g-import-not-at-top
-
-    if jax.process_count() == 1:
-      return
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     local = np.concatenate([self.sizes, self.bad_mask()[:, None]], axis=1).astype(np.int32)
-    merged = np.max(np.asarray(multihost_utils.process_allgather(local)), axis=0)
+    merged = merge_across_processes(local)
     self.sizes = np.ascontiguousarray(merged[:, :2])
     self.bad = {int(i) for i in np.flatnonzero(merged[:, 2])}
+
+
+def merge_across_processes(local: np.ndarray) -> np.ndarray:
+  """[N, ...] non-negative ints known by this process (0 where another process decoded the row)
+  -> their element-wise max over every process of the run (`local` itself with one process): how
+  the row loaders share what each process found (unreadable rows, original sizes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return np.max(np.asarray(multihost_utils.process_allgather(local)), axis=0)
 
 
 def iter_eval_images(

@@ -368,12 +368,7 @@ class TfdsImages:
 
   def _share_between_processes(self) -> None:
     """Every process's unreadable rows merged (each decoded only its own rows)."""
-    if jax.process_count() == 1:
-      return
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    merged = np.max(np.asarray(multihost_utils.process_allgather(
-        self.bad_mask().astype(np.int32))), axis=0)
+    merged = eval_data.merge_across_processes(self.bad_mask().astype(np.int32))
     self.bad = {int(i) for i in np.flatnonzero(merged)}
 
 
