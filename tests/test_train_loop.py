@@ -64,6 +64,7 @@ def test_periodic_evaluation_builds_its_evaluators_once(demo_dir, tmp_path, monk
 
   config = demo.get_config(f"quick,data_dir={demo_dir}")
   config.unlock()
+  config.evals = {"retrieval": config.evals.retrieval, "grounding": config.evals.grounding}
   config.evals.retrieval.every_steps = config.evals.grounding.every_steps = 2
   reads = []
   read_split = eval_data.read_split
