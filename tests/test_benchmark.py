@@ -225,3 +225,18 @@ def test_reference_step_benchmark_names_a_missing_reference_checkout(tmp_path):
                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2
   assert f"--reference-dir {tmp_path}: no models/model_pretrain.py there" in proc.stderr
+
+
+def test_temp_memory_mode_reports_the_growth_per_example(capsys):
+  """`--temp-memory B1,B2`: the compiled step's temp bytes at both batch sizes (the first device
+  only, as --config's mesh of one) and their difference per example."""
+  result = _benchmark_module().main([
+      "--config", "configs/tiny.py:train.tasks.image_text=0.0,mesh.data=1",
+      "--temp-memory", "2,6", "--scan-layers", "--remat"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  temp = result["temp_bytes"]
+  assert result["mode"] == "temp_memory" and result["remat"] and result["scan_layers"]
+  assert temp["6"] > temp["2"] > 0 and result["num_devices"] == 1
+  assert result["temp_bytes_per_example"] == (temp["6"] - temp["2"]) / 4
+  with pytest.raises(SystemExit, match="two batch sizes"):
+    _benchmark_module().main(["--config", "configs/tiny.py", "--temp-memory", "6,2"])

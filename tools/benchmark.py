@@ -10,6 +10,8 @@
   # an evaluation alone, on synthetic images and captions, phase by phase
   python tools/benchmark.py --eval retrieval --config configs/demo.py --eval-images 1000 \
       [--captions 5 --k-test 16 --eval-batch 64 --embed-dtype bfloat16]
+  # XLA's temp buffers of the compiled step at two batch sizes (does remat keep activations?)
+  python tools/benchmark.py --config configs/bench_small.py --temp-memory 4,8 --remat --scan-layers
 
 `--data` reads `--data-dir` (a demo dataset from x2vlm_jax/data/demo.py: 200 training scenes of
 `--demo-image-size` pixels are written there if it holds none; it feeds the trained tasks it has a
@@ -242,7 +244,7 @@ def bench_train(args) -> dict:
                                       steps=args.profile_steps)
 
   if args.cost_analysis:
-    cost = _cost(compile_train_step(trainer, trainer.abstract_state, batches, rngs[0]))
+    cost = _cost(trainer.compile_train_step(batches))
     result["xla_flops"] = float(cost.get("flops", float("nan")))
     result["xla_bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
     result["xla_over_analytic"] = result["xla_flops"] / step_flops
@@ -294,22 +296,6 @@ def summarize_profile(xplane_path: str, hlo_text: str, steps: int) -> dict:
               by_part={k: ms(v) for k, v in by_part.items()})
 
 
-def compile_train_step(trainer, state, batches, rng):
-  """The same jit as `Trainer.train_step` (step function, shardings, donation), lowered and
-  compiled ahead of time for XLA's cost analysis and the compiled HLO text."""
-  import flax.linen as nn
-  import jax
-  from x2vlm_jax import sharding, train
-
-  step = train.make_train_step(trainer.model, trainer.tx, trainer.config, trainer.schedule)
-  repl = sharding.replicated(trainer.mesh)
-  jitted = jax.jit(step, in_shardings=(trainer.state_shardings,
-                                       sharding.batch_sharding(trainer.mesh), repl),
-                   out_shardings=(trainer.state_shardings, repl), donate_argnums=(0,))
-  with trainer.mesh, nn.logical_axis_rules(trainer.rules):
-    return jitted.lower(state, batches, rng).compile()
-
-
 def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dict:
   """Traces `steps` train steps with `jax.profiler` into `out_dir` (TensorBoard / Perfetto
   readable) and summarises where the op time went (`summarize_profile`)."""
@@ -317,7 +303,7 @@ def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dic
 
   import jax
 
-  hlo_text = compile_train_step(trainer, state, batches, rng).as_text()
+  hlo_text = trainer.compile_train_step(batches).as_text()
   with jax.profiler.trace(out_dir):
     for i in range(steps):
       state, metrics = trainer.train_step(state, batches, jax.random.fold_in(rng, i))
@@ -327,6 +313,32 @@ def profile_steps(trainer, state, batches, rng, out_dir: str, steps: int) -> dic
   if not paths:
     raise SystemExit(f"--profile: no *.xplane.pb trace was written under {out_dir}")
   return dict(summarize_profile(paths[-1], hlo_text, steps), trace=paths[-1])
+
+
+def bench_temp_memory(args) -> dict:
+  """XLA's buffer assignment for the compiled train step (`memory_analysis()`, one device) at
+  two batch sizes: temp bytes at each and their growth per example, the figure that tells
+  whether activations are kept (`--remat`, `--set model.remat_policy=...`)."""
+  import jax
+  from x2vlm_jax import train
+
+  sizes = [int(b) for b in args.temp_memory.split(",")]
+  if len(sizes) != 2 or not 0 < sizes[0] < sizes[1]:
+    raise SystemExit("--temp-memory takes two batch sizes B1,B2 with 0 < B1 < B2")
+  temp = {}
+  for batch in sizes:
+    args.batch = batch
+    config = load_config(args.config, args)
+    trainer = train.Trainer.create(config, make_mesh(config))
+    batches = trainer.global_batches(synthetic_batches(config, seed=args.seed))
+    stats = trainer.compile_train_step(batches).memory_analysis()
+    temp[str(batch)] = int(stats.temp_size_in_bytes)  # JSON keys: strings
+  growth = (temp[str(sizes[1])] - temp[str(sizes[0])]) / (sizes[1] - sizes[0])
+  return dict(mode="temp_memory", config=args.config, set=list(args.set),
+              remat=bool(config.model.remat), scan_layers=bool(config.model.scan_layers),
+              remat_policy=config.model.remat_policy, temp_bytes=temp,
+              temp_bytes_per_example=growth, num_devices=len(trainer.mesh.devices.flat),
+              jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), date=_now())
 
 
 # ---------------------------------------------------------------------------- data mode
@@ -517,6 +529,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--profile-steps", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data", action="store_true", help="benchmark the input pipeline instead")
+  parser.add_argument("--temp-memory", default="", metavar="B1,B2",
+                      help="instead of timing: the compiled step's temp bytes at batch B1 and B2 "
+                      "(XLA's buffer assignment, one device) and their growth per example")
   parser.add_argument("--eval", default="", choices=("", "retrieval"),
                       help="benchmark an evaluation on synthetic data instead")
   parser.add_argument("--eval-images", type=int, default=500, help="--eval: images")
@@ -537,6 +552,8 @@ def main(argv=None) -> dict:
     parser.error("--steps must be >= 1 and --warmup >= 0")
   if args.eval:
     result = bench_eval(args)
+  elif args.temp_memory:
+    result = bench_temp_memory(args)
   else:
     result = bench_data(args) if args.data else bench_train(args)
   print(json.dumps(result, sort_keys=True), flush=True)

@@ -132,19 +132,28 @@ class Trainer:
       return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed), params)
 
   @functools.cached_property
-  def train_step(self) -> Callable:
-    """Jitted step: (state, batches, rng) -> (state, metrics); the state buffer is donated."""
+  def _jitted_step(self):
     step = make_train_step(self.model, self.tx, self.config, self.schedule)
     batch_sh = sharding.batch_sharding(self.mesh)
     repl = sharding.replicated(self.mesh)
-    jitted = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
-                     out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
+                   out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
 
+  @functools.cached_property
+  def train_step(self) -> Callable:
+    """Jitted step: (state, batches, rng) -> (state, metrics); the state buffer is donated."""
     def run(state, batches, rng):
       with self.mesh, nn.logical_axis_rules(self.rules):
-        return jitted(state, batches, rng)
+        return self._jitted_step(state, batches, rng)
 
     return run
+
+  def compile_train_step(self, batches) -> jax.stages.Compiled:
+    """The train step compiled ahead of time for `batches` (global arrays or ShapeDtypeStructs)
+    and the abstract state: its `memory_analysis()`, `cost_analysis()` and HLO text."""
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return self._jitted_step.lower(self.abstract_state, batches,
+                                     jax.random.PRNGKey(0)).compile()
 
   def global_batches(self, local_batches: Mapping[str, Mapping[str, np.ndarray]]):
     """Per-process numpy batches -> global sharded arrays (record counts removed; batch-local

@@ -14,6 +14,7 @@ With `scan_layers` the layer subtrees are stacked (`vision/blocks`, `text/text_l
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -358,6 +359,12 @@ def build_model(model_cfg, *, heads: tuple[TaskHead, ...] = (),
       raise ValueError(f"model.{key} must be one of {sorted(_DTYPES)}, got {kwargs.get(key)!r}")
     kwargs[key] = _DTYPES[kwargs[key]]
   layers.remat_policy(kwargs.get("remat_policy", "nothing_saveable"))  # a typo fails here
+  if kwargs.get("remat") and not kwargs.get("scan_layers"):
+    logging.warning(
+        "model.remat=True with unrolled layers (model.scan_layers=False): XLA's CPU compiler "
+        "schedules the recomputation as early as the forward pass, so it saves no memory there "
+        "(docs/benchmarks.md, 'Rematerialisation'); with model.scan_layers=True the backward "
+        "loop recomputes each layer when it needs it")
   check_pos_emb_kind(kwargs.get("vision_pos_emb_kind", "learned"))
   check_stem(kwargs.get("vision_stem", "patch"), kwargs.get("patch_size", 16))
   return X2VLM(**kwargs)
