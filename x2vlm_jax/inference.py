@@ -170,15 +170,9 @@ def top_labels(scores: np.ndarray, labels: Sequence[str], top_k: int) -> list[li
   first (ties: the earlier label)."""
   if top_k < 1:
     raise errors.InputError(f"top_k must be >= 1, got {top_k}")
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+  order = zeroshot.rank_classes(scores, top_k)
   return [[{"label": labels[c], "score": float(row[c])} for c in best]
           for row, best in zip(scores, order)]
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-  """[N, E] -> rows divided by max(their L2 norm, 1e-12) (as `x2vlm.l2_normalize`), float32."""
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ------------------------------------------------------------------------------ head functions

@@ -36,8 +36,6 @@ CONFIG_FILE = "config.json"
 ASSETS_DIR = "assets"
 ASSETS_INDEX = "index.json"
 TOKENIZER_FIELD = "data.vocab_path"
-# The tokenizer files `data.text.load_tokenizer` looks for inside a directory, in its order.
-_TOKENIZER_FILES = ("vocab.txt", "sentencepiece.bpe.model")
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -52,11 +50,11 @@ def tokenizer_file(vocab_path: str, what: str = "config.data.vocab_path") -> str
   """The file a `config.data.vocab_path` names (a directory is searched as `load_tokenizer`
   searches it). Raises FileNotFoundError naming `what` (the field or flag it came from) and the
   directory a relative path resolves from."""
+  from x2vlm_jax.data import text  # pylint: disable=import-outside-toplevel
+
   path = os.fspath(vocab_path)
   if os.path.isdir(path):
-    for name in _TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
+    path = text.tokenizer_in_directory(path) or path
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"{what} {path!r}: no such tokenizer file (relative paths resolve against "

@@ -198,6 +198,14 @@ class SentencePieceTokenizer:
 _TOKENIZER_FILES = ("vocab.txt", "sentencepiece.bpe.model")
 
 
+def tokenizer_in_directory(directory: str) -> str | None:
+  """The first of `_TOKENIZER_FILES` that `directory` holds (its path), or None."""
+  for name in _TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return None
+
+
 def load_tokenizer(vocab_path: str) -> Tokenizer | SentencePieceTokenizer:
   """The tokenizer a path names: sentencepiece (XLM-R ids) for a `.model` file, WordPiece for a
   BERT vocab.txt; a directory is searched for vocab.txt, then sentencepiece.bpe.model."""
@@ -206,11 +214,10 @@ def load_tokenizer(vocab_path: str) -> Tokenizer | SentencePieceTokenizer:
     raise ValueError("no tokenizer given (config.data.vocab_path): a BERT vocab.txt, an XLM-R "
                      "sentencepiece .model, or a directory holding one")
   if os.path.isdir(path):
-    found = [os.path.join(path, f) for f in _TOKENIZER_FILES
-             if os.path.isfile(os.path.join(path, f))]
-    if not found:
+    found = tokenizer_in_directory(path)
+    if found is None:
       raise FileNotFoundError(f"tokenizer directory {path} holds none of {_TOKENIZER_FILES}")
-    path = found[0]
+    path = found
   if path.endswith(".model"):
     return SentencePieceTokenizer(path)
   return Tokenizer(path)
